@@ -1,0 +1,193 @@
+"""The Django admin is the instructors' panel.
+
+Superusers see and edit everything. Instructors and TAs (staff accounts with a TA or
+instructor membership) see the courses they teach, their rosters and groups, and review
+groups through the approve/reject actions; everything else stays with superusers.
+"""
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models import Count
+from django.template.response import TemplateResponse
+
+from labs import selectors
+from labs.forms import RejectForm
+from labs.models import Course, Group, Membership
+from labs.services import groups as group_services
+
+
+def _is_course_staff(request) -> bool:
+    user = request.user
+    return user.is_active and user.is_staff and selectors.courses_staffed_by(user=user).exists()
+
+
+class CourseScopedAdmin(admin.ModelAdmin):
+    """Read access for a course's staff to rows of the courses they teach."""
+
+    course_path = "course"
+
+    def get_queryset(self, request):
+        qs = super().get_queryset(request)
+        if request.user.is_superuser:
+            return qs
+        staffed = selectors.courses_staffed_by(user=request.user)
+        return qs.filter(**{f"{self.course_path}__in": staffed})
+
+    def has_module_permission(self, request):
+        return request.user.is_superuser or _is_course_staff(request)
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser or _is_course_staff(request)
+
+    def has_add_permission(self, request):
+        return request.user.is_superuser
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser
+
+
+@admin.register(Course)
+class CourseAdmin(CourseScopedAdmin):
+    course_path = "pk"
+    list_display = ["slug", "title", "term", "max_group_size", "signup_open", "group_count"]
+    search_fields = ["slug", "title", "term"]
+    prepopulated_fields = {"slug": ["title"]}
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(n_groups=Count("groups"))
+
+    @admin.display(description="groups", ordering="n_groups")
+    def group_count(self, obj):
+        return obj.n_groups
+
+    @admin.display(description="signup open", boolean=True)
+    def signup_open(self, obj):
+        return obj.is_signup_open
+
+
+@admin.register(Membership)
+class MembershipAdmin(CourseScopedAdmin):
+    list_display = ["user", "full_name", "email", "course", "role", "group"]
+    list_filter = [("course", admin.RelatedOnlyFieldListFilter), "role"]
+    search_fields = ["user__username", "user__email", "user__first_name", "user__last_name"]
+    list_select_related = ["user", "course", "group"]
+    autocomplete_fields = ["user", "group"]
+
+    @admin.display(ordering="user__last_name")
+    def full_name(self, obj):
+        return obj.user.get_full_name()
+
+    @admin.display(ordering="user__email")
+    def email(self, obj):
+        return obj.user.email
+
+
+class MemberInline(admin.TabularInline):
+    model = Membership
+    fields = ["user", "full_name", "email", "role"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name = "member"
+    verbose_name_plural = "members"
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser or _is_course_staff(request)
+
+    @admin.display
+    def full_name(self, obj):
+        return obj.user.get_full_name()
+
+    @admin.display
+    def email(self, obj):
+        return obj.user.email
+
+
+@admin.register(Group)
+class GroupAdmin(CourseScopedAdmin):
+    list_display = ["name", "course", "status", "member_list", "project_title", "created_at"]
+    list_filter = [("course", admin.RelatedOnlyFieldListFilter), "status"]
+    search_fields = ["name", "project_title", "memberships__user__username"]
+    list_select_related = ["course"]
+    inlines = [MemberInline]
+    actions = ["approve", "reject"]
+    readonly_fields = [
+        "status",
+        "ssh_public_key",
+        "ssh_key_type",
+        "ssh_key_bits",
+        "ssh_key_fingerprint",
+        "reviewed_by",
+        "reviewed_at",
+        "review_note",
+        "created_by",
+        "created_at",
+        "updated_at",
+    ]
+    fieldsets = [
+        (None, {"fields": ["course", "name", "status", "project_title", "project_idea"]}),
+        (
+            "SSH key",
+            {"fields": ["ssh_key_fingerprint", "ssh_key_type", "ssh_key_bits", "ssh_public_key"]},
+        ),
+        ("Review", {"fields": ["reviewed_by", "reviewed_at", "review_note"]}),
+        ("History", {"fields": ["created_by", "created_at", "updated_at"]}),
+    ]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("memberships__user")
+
+    def get_search_results(self, request, queryset, search_term):
+        queryset, _ = super().get_search_results(request, queryset, search_term)
+        return queryset.distinct(), False
+
+    @admin.display(description="members")
+    def member_list(self, obj):
+        return ", ".join(m.user.username for m in obj.memberships.all())
+
+    def has_review_permission(self, request):
+        return request.user.is_superuser or _is_course_staff(request)
+
+    @admin.action(description="Approve the selected groups", permissions=["review"])
+    def approve(self, request, queryset):
+        done = self._review_each(request, queryset, group_services.group_approve, note="")
+        if done:
+            self.message_user(request, f"Approved {done} group(s); members were emailed.")
+
+    @admin.action(description="Reject the selected groups (with a note)", permissions=["review"])
+    def reject(self, request, queryset):
+        form = RejectForm(request.POST if "note" in request.POST else None)
+        if form.is_valid():
+            done = self._review_each(
+                request, queryset, group_services.group_reject, note=form.cleaned_data["note"]
+            )
+            if done:
+                self.message_user(request, f"Rejected {done} group(s); members were emailed.")
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Reject groups",
+            "groups": queryset,
+            "form": form,
+            "opts": self.model._meta,
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/labs/group/reject.html", context)
+
+    def _review_each(self, request, queryset, review, *, note: str) -> int:
+        done = 0
+        for group in queryset.select_related("course"):
+            try:
+                review(group=group, by=request.user, note=note)
+            except (ValidationError, PermissionDenied) as error:
+                text = " ".join(getattr(error, "messages", [str(error)]))
+                self.message_user(request, f"{group.name}: {text}", level=messages.ERROR)
+            else:
+                done += 1
+        return done

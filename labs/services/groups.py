@@ -1,0 +1,242 @@
+"""Group signup, edits and review: every write to a Group goes through here."""
+
+import re
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models.functions import Lower
+from django.utils import timezone
+
+from labs.choices import GroupStatus, Role
+from labs.models import Course, Group, Membership
+from labs.selectors import user_is_course_staff
+from labs.services import mail
+from labs.services.keys import SshKeyInfo, sshkey_parse
+
+_USERNAME_SPLIT = re.compile(r"[\s,;]+")
+
+
+def usernames_parse(*, text: str) -> list[str]:
+    """Split what a student typed ("bob, carol dave") into usernames, keeping order."""
+    seen: dict[str, str] = {}
+    for raw in _USERNAME_SPLIT.split(text.strip()):
+        name = raw.strip().lstrip("@")
+        if name and name.lower() not in seen:
+            seen[name.lower()] = name
+    return list(seen.values())
+
+
+def group_register(
+    *,
+    course: Course,
+    by: AbstractBaseUser,
+    name: str,
+    member_usernames: list[str],
+    project_title: str,
+    project_idea: str,
+    ssh_public_key: str,
+) -> Group:
+    """Sign up a new pending group: the submitter plus the named students of the course.
+
+    Raises ValidationError (keyed by field) when any rule is broken; nothing is written
+    then. Two signups racing for the same student: exactly one wins, the other gets a
+    ValidationError naming the student.
+    """
+    key = _key_parse(ssh_public_key)
+    name = name.strip()
+    with transaction.atomic():
+        if not course.is_signup_open:
+            raise ValidationError("Group signup for this course is closed.", code="closed")
+        members = _members_for_signup(course=course, by=by, usernames=member_usernames)
+        _check_name_and_key_free(course=course, name=name, key=key, exclude=None)
+        try:
+            with transaction.atomic():
+                group = Group.objects.create(
+                    course=course,
+                    name=name,
+                    project_title=project_title.strip(),
+                    project_idea=project_idea.strip(),
+                    created_by=by,
+                    **_key_fields(key),
+                )
+        except IntegrityError:
+            # Lost a race on the name or the key since the check above.
+            _check_name_and_key_free(course=course, name=name, key=key, exclude=None)
+            raise
+        # The conditional UPDATE is what makes "one group per student" hold under races:
+        # a membership that another signup claimed meanwhile no longer matches.
+        claimed = Membership.objects.filter(
+            pk__in=[m.pk for m in members], group__isnull=True, role=Role.STUDENT
+        ).update(group=group)
+        if claimed != len(members):
+            taken = Membership.objects.filter(
+                pk__in=[m.pk for m in members], group__isnull=False
+            ).exclude(group=group)
+            names = ", ".join(sorted(m.user.username for m in taken.select_related("user")))
+            raise ValidationError(
+                {"members": f"Already in another group of this course: {names}."},
+                code="taken",
+            )
+    return group
+
+
+def _members_for_signup(
+    *, course: Course, by: AbstractBaseUser, usernames: list[str]
+) -> list[Membership]:
+    own = (
+        Membership.objects.select_for_update(of=("self",))
+        .filter(course=course, user=by)
+        .select_related("group")
+        .first()
+    )
+    if own is None or own.role != Role.STUDENT:
+        raise ValidationError("Only students on this course's roster can sign up a group.")
+    if own.group_id is not None:
+        raise ValidationError(
+            f"You are already in the group “{own.group.name}” in this course.", code="taken"
+        )
+
+    wanted = {u.lower() for u in usernames} - {by.get_username().lower()}
+    others = list(
+        Membership.objects.select_for_update(of=("self",))
+        .annotate(lname=Lower("user__username"))
+        .filter(course=course, lname__in=wanted)
+        .select_related("user", "group")
+    )
+    errors = []
+    unknown = wanted - {m.lname for m in others}
+    if unknown:
+        errors.append(f"Not students of this course: {', '.join(sorted(unknown))}.")
+    staff = sorted(m.user.username for m in others if m.role != Role.STUDENT)
+    if staff:
+        errors.append(f"Course staff cannot be group members: {', '.join(staff)}.")
+    taken = sorted(m.user.username for m in others if m.group_id is not None)
+    if taken:
+        errors.append(f"Already in another group of this course: {', '.join(taken)}.")
+    total = 1 + len(wanted)
+    if total > course.max_group_size:
+        errors.append(
+            f"A group has at most {course.max_group_size} members including you; "
+            f"this one would have {total}."
+        )
+    if errors:
+        raise ValidationError({"members": errors}, code="members")
+    return [own, *others]
+
+
+def _check_name_and_key_free(
+    *, course: Course, name: str, key: SshKeyInfo, exclude: Group | None
+) -> None:
+    groups = Group.objects.filter(course=course)
+    if exclude is not None:
+        groups = groups.exclude(pk=exclude.pk)
+    errors = {}
+    if name and groups.filter(name__iexact=name).exists():
+        errors["name"] = "A group with this name already exists in this course."
+    if groups.filter(ssh_key_fingerprint=key.fingerprint).exists():
+        errors["ssh_public_key"] = (
+            "Another group of this course already uses this key. Each group needs its own "
+            "key pair: generate one with ssh-keygen -t ed25519."
+        )
+    if errors:
+        raise ValidationError(errors, code="duplicate")
+
+
+def _key_parse(text: str) -> SshKeyInfo:
+    try:
+        return sshkey_parse(text=text)
+    except ValidationError as error:
+        raise ValidationError({"ssh_public_key": error.messages}, code="invalid_key") from None
+
+
+def _key_fields(key: SshKeyInfo) -> dict[str, object]:
+    return {
+        "ssh_public_key": key.line,
+        "ssh_key_type": key.type,
+        "ssh_key_bits": key.bits,
+        "ssh_key_fingerprint": key.fingerprint,
+    }
+
+
+def _lock_editable(*, group: Group, by: AbstractBaseUser) -> Group:
+    locked = Group.objects.select_for_update().get(pk=group.pk)
+    if not locked.memberships.filter(user=by, role=Role.STUDENT).exists():
+        raise PermissionDenied("Only members can change their group.")
+    if not locked.is_editable:
+        raise ValidationError(
+            "This group is approved; ask your instructor to change it.", code="approved"
+        )
+    return locked
+
+
+def _resubmit_if_rejected(group: Group) -> bool:
+    if group.status != GroupStatus.REJECTED:
+        return False
+    group.status = GroupStatus.PENDING
+    return True
+
+
+def group_update(
+    *, group: Group, by: AbstractBaseUser, project_title: str, project_idea: str
+) -> Group:
+    """Members edit the idea while the group is pending; a rejected group is resubmitted."""
+    with transaction.atomic():
+        locked = _lock_editable(group=group, by=by)
+        locked.project_title = project_title.strip()
+        locked.project_idea = project_idea.strip()
+        _resubmit_if_rejected(locked)
+        locked.save()
+    return locked
+
+
+def group_key_replace(*, group: Group, by: AbstractBaseUser, ssh_public_key: str) -> Group:
+    """Members replace the group's key while it is pending (or rejected: resubmits it)."""
+    key = _key_parse(ssh_public_key)
+    with transaction.atomic():
+        locked = _lock_editable(group=group, by=by)
+        _check_name_and_key_free(course=locked.course, name="", key=key, exclude=locked)
+        for field, value in _key_fields(key).items():
+            setattr(locked, field, value)
+        _resubmit_if_rejected(locked)
+        try:
+            with transaction.atomic():
+                locked.save()
+        except IntegrityError:
+            _check_name_and_key_free(course=locked.course, name="", key=key, exclude=locked)
+            raise
+    return locked
+
+
+def _review(*, group: Group, by: AbstractBaseUser, status: str, note: str) -> Group:
+    if not user_is_course_staff(user=by, course=group.course):
+        raise PermissionDenied("Only the course's instructors and TAs review its groups.")
+    with transaction.atomic():
+        locked = (
+            Group.objects.select_for_update(of=("self",)).select_related("course").get(pk=group.pk)
+        )
+        if locked.status == status:
+            return locked
+        locked.status = status
+        locked.review_note = note.strip()
+        locked.reviewed_by = by
+        locked.reviewed_at = timezone.now()
+        locked.save()
+        transaction.on_commit(lambda: mail.group_reviewed(group=locked))
+    return locked
+
+
+def group_approve(*, group: Group, by: AbstractBaseUser, note: str = "") -> Group:
+    """Approve a pending or rejected group and tell its members.
+
+    This is the one place where approval happens: VM provisioning hangs off it.
+    Approving an approved group changes nothing.
+    """
+    return _review(group=group, by=by, status=GroupStatus.APPROVED, note=note)
+
+
+def group_reject(*, group: Group, by: AbstractBaseUser, note: str) -> Group:
+    """Reject a group with a note for its members; they may edit and resubmit it."""
+    if not note.strip():
+        raise ValidationError("Say why the group is rejected: its members will read it.")
+    return _review(group=group, by=by, status=GroupStatus.REJECTED, note=note)

@@ -1,0 +1,13 @@
+from django.urls import path
+
+from labs import views
+
+app_name = "labs"
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("courses/<slug:slug>/signup/", views.group_signup, name="group_signup"),
+    path("groups/<int:group_id>/", views.group_detail, name="group_detail"),
+    path("groups/<int:group_id>/edit/", views.group_edit, name="group_edit"),
+    path("groups/<int:group_id>/key/", views.group_key, name="group_key"),
+]

@@ -1,0 +1,114 @@
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from labs import selectors
+from labs.choices import Role
+from labs.forms import GroupEditForm, GroupKeyForm, GroupSignupForm
+from labs.services import groups as group_services
+
+
+@login_required
+def home(request):
+    memberships = selectors.memberships_of(user=request.user)
+    return render(request, "labs/home.html", {"memberships": memberships})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def group_signup(request, slug: str):
+    membership = selectors.course_membership(user=request.user, slug=slug)
+    course = membership.course
+    if membership.group_id is not None:
+        return redirect("labs:group_detail", group_id=membership.group_id)
+    form = GroupSignupForm(request.POST or None)
+    can_sign_up = membership.role == Role.STUDENT and course.is_signup_open
+    if request.method == "POST" and can_sign_up and form.is_valid():
+        data = form.cleaned_data
+        try:
+            group = group_services.group_register(
+                course=course,
+                by=request.user,
+                name=data["name"],
+                member_usernames=group_services.usernames_parse(text=data["members"]),
+                project_title=data["project_title"],
+                project_idea=data["project_idea"],
+                ssh_public_key=data["ssh_public_key"],
+            )
+        except ValidationError as error:
+            form.add_error(None, error)
+        else:
+            messages.success(request, "Your group is signed up and waits for review.")
+            return redirect("labs:group_detail", group_id=group.pk)
+    return render(
+        request,
+        "labs/group_signup.html",
+        {"course": course, "membership": membership, "form": form, "can_sign_up": can_sign_up},
+    )
+
+
+@login_required
+def group_detail(request, group_id: int):
+    group = selectors.group_for_viewer(user=request.user, group_id=group_id)
+    members = list(group.memberships.all())
+    is_member = any(m.user_id == request.user.pk for m in members)
+    context = {"group": group, "members": members, "is_member": is_member}
+    if is_member and group.is_editable:
+        context["edit_form"] = GroupEditForm(
+            initial={"project_title": group.project_title, "project_idea": group.project_idea}
+        )
+        context["key_form"] = GroupKeyForm()
+    return render(request, "labs/group_detail.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def group_edit(request, group_id: int):
+    group = selectors.group_for_member(user=request.user, group_id=group_id)
+    form = GroupEditForm(
+        request.POST or None,
+        initial={"project_title": group.project_title, "project_idea": group.project_idea},
+    )
+    if request.method == "POST" and form.is_valid():
+        was_rejected = group.status == "rejected"
+        try:
+            group_services.group_update(
+                group=group,
+                by=request.user,
+                project_title=form.cleaned_data["project_title"],
+                project_idea=form.cleaned_data["project_idea"],
+            )
+        except ValidationError as error:
+            form.add_error(None, error)
+        else:
+            messages.success(
+                request, "Saved and resubmitted for review." if was_rejected else "Saved."
+            )
+            return redirect("labs:group_detail", group_id=group.pk)
+    return render(request, "labs/group_edit.html", {"group": group, "form": form})
+
+
+@login_required
+@require_POST
+def group_key(request, group_id: int):
+    group = selectors.group_for_member(user=request.user, group_id=group_id)
+    form = GroupKeyForm(request.POST)
+    if form.is_valid():
+        was_rejected = group.status == "rejected"
+        try:
+            group_services.group_key_replace(
+                group=group, by=request.user, ssh_public_key=form.cleaned_data["ssh_public_key"]
+            )
+        except ValidationError as error:
+            form.add_error(None, error)
+        else:
+            messages.success(
+                request,
+                "Key replaced and group resubmitted for review."
+                if was_rejected
+                else "Key replaced.",
+            )
+            return redirect("labs:group_detail", group_id=group.pk)
+    return render(request, "labs/group_key.html", {"group": group, "form": form}, status=400)

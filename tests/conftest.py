@@ -1,0 +1,124 @@
+"""The cast every view test uses (after healthchecks' alice/bob/charlie).
+
+- alice: student, created group A ("Alpha")
+- bob: student, alice's teammate in group A
+- carol: student, member of group B ("Bravo")
+- dave: student on the roster, in no group
+- ines: instructor of the course (staff account)
+- anonymous: the test client without a login
+"""
+
+import itertools
+import subprocess
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from labs.choices import Role
+from labs.models import Course, Membership
+from labs.services.groups import group_register
+
+
+@pytest.fixture(scope="session")
+def _key_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("keys")
+
+
+@pytest.fixture(scope="session")
+def make_public_key(_key_dir):
+    """Return a function making a fresh real ed25519 public key line (ssh-keygen)."""
+    counter = itertools.count()
+
+    def make(comment: str = "") -> str:
+        path = _key_dir / f"key{next(counter)}"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+            check=True,
+        )
+        return path.with_suffix(".pub").read_text()
+
+    return make
+
+
+@pytest.fixture
+def course(db) -> Course:
+    return Course.objects.create(slug="os101", title="Operating Systems", term="Fall 2026")
+
+
+@pytest.fixture
+def make_student(course):
+    def make(username: str, *, role: str = Role.STUDENT, in_course: Course | None = None):
+        user = get_user_model().objects.create_user(
+            username=username,
+            email=f"{username}@example.edu",
+            password=None,
+            first_name=username.capitalize(),
+            is_staff=role != Role.STUDENT,
+        )
+        Membership.objects.create(course=in_course or course, user=user, role=role)
+        return user
+
+    return make
+
+
+@pytest.fixture
+def alice(make_student):
+    return make_student("alice")
+
+
+@pytest.fixture
+def bob(make_student):
+    return make_student("bob")
+
+
+@pytest.fixture
+def carol(make_student):
+    return make_student("carol")
+
+
+@pytest.fixture
+def dave(make_student):
+    return make_student("dave")
+
+
+@pytest.fixture
+def ines(make_student):
+    return make_student("ines", role=Role.INSTRUCTOR)
+
+
+@pytest.fixture
+def group_a(course, alice, bob, make_public_key):
+    return group_register(
+        course=course,
+        by=alice,
+        name="Alpha",
+        member_usernames=["bob"],
+        project_title="A tiny shell",
+        project_idea="We write a POSIX shell.",
+        ssh_public_key=make_public_key("alpha"),
+    )
+
+
+@pytest.fixture
+def group_b(course, carol, make_public_key):
+    return group_register(
+        course=course,
+        by=carol,
+        name="Bravo",
+        member_usernames=[],
+        project_title="A file system",
+        project_idea="FUSE file system with snapshots.",
+        ssh_public_key=make_public_key("bravo"),
+    )
+
+
+@pytest.fixture
+def client_for(client):
+    """Log the test client in as a user (force_login) and return it."""
+
+    def login(user):
+        client.force_login(user)
+        return client
+
+    return login

@@ -1,0 +1,128 @@
+"""The admin as the instructors' panel: scoping, bulk approve, reject with a note."""
+
+import pytest
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.auth import get_user_model
+from django.core import mail
+from django.urls import reverse
+
+from labs.choices import GroupStatus, Role
+from labs.models import Course, Group
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "admin:labs_group_changelist"
+
+
+def test_the_instructor_sees_the_courses_groups_with_members_in_the_list(
+    client_for, ines, group_a, group_b
+):
+    page = client_for(ines).get(reverse(CHANGELIST)).content.decode()
+    assert "Alpha" in page and "Bravo" in page
+    assert "alice, bob" in page
+
+
+def test_search_finds_a_group_by_member_username(client_for, ines, group_a, group_b):
+    page = client_for(ines).get(reverse(CHANGELIST), {"q": "bob"}).content.decode()
+    assert "Alpha" in page and "Bravo" not in page
+
+
+def test_status_filter_narrows_the_list(client_for, ines, group_a, group_b):
+    Group.objects.filter(pk=group_b.pk).update(status=GroupStatus.REJECTED)
+    page = client_for(ines).get(reverse(CHANGELIST), {"status__exact": "pending"}).content.decode()
+    assert "Alpha" in page and "Bravo" not in page
+
+
+def test_the_change_page_shows_members_inline_and_the_key(client_for, ines, group_a):
+    page = client_for(ines).get(reverse("admin:labs_group_change", args=[group_a.pk]))
+    text = page.content.decode()
+    assert page.status_code == 200
+    assert "alice@example.edu" in text and group_a.ssh_key_fingerprint in text
+
+
+def test_an_instructor_of_another_course_sees_none_of_these_groups(
+    client_for, make_student, group_a
+):
+    other = Course.objects.create(slug="net", title="Networks")
+    tom = make_student("tom", role=Role.INSTRUCTOR, in_course=other)
+    client = client_for(tom)
+    assert "Alpha" not in client.get(reverse(CHANGELIST)).content.decode()
+    response = client.get(reverse("admin:labs_group_change", args=[group_a.pk]))
+    assert response.status_code == 302  # the admin redirects a missing object to the list
+    assert "Alpha" not in client.get(response["Location"]).content.decode()
+
+
+def test_students_cannot_open_the_admin(client_for, alice, group_a):
+    response = client_for(alice).get(reverse(CHANGELIST))
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_bulk_approve_approves_and_emails_every_member(
+    client_for, ines, group_a, group_b, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(ines).post(
+            reverse(CHANGELIST),
+            {"action": "approve", ACTION_CHECKBOX_NAME: [group_a.pk, group_b.pk]},
+            follow=True,
+        )
+    assert "Approved 2 group(s)" in response.content.decode()
+    assert set(Group.objects.values_list("status", flat=True)) == {GroupStatus.APPROVED}
+    assert sorted(m.to[0] for m in mail.outbox) == [
+        "alice@example.edu",
+        "bob@example.edu",
+        "carol@example.edu",
+    ]
+    group_a.refresh_from_db()
+    assert group_a.reviewed_by == ines
+
+
+def test_bulk_reject_asks_for_a_note_then_rejects_with_it(
+    client_for, ines, group_a, group_b, django_capture_on_commit_callbacks
+):
+    client = client_for(ines)
+    first = client.post(
+        reverse(CHANGELIST), {"action": "reject", ACTION_CHECKBOX_NAME: [group_a.pk]}
+    )
+    assert first.status_code == 200 and "Reject and email the members" in first.content.decode()
+    group_a.refresh_from_db()
+    assert group_a.status == GroupStatus.PENDING
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(
+            reverse(CHANGELIST),
+            {"action": "reject", ACTION_CHECKBOX_NAME: [group_a.pk], "note": "Too broad."},
+        )
+    group_a.refresh_from_db()
+    assert group_a.status == GroupStatus.REJECTED and group_a.review_note == "Too broad."
+    assert {m.to[0] for m in mail.outbox} == {"alice@example.edu", "bob@example.edu"}
+    group_b.refresh_from_db()
+    assert group_b.status == GroupStatus.PENDING
+
+
+def test_course_staff_cannot_edit_group_fields_directly(client_for, ines, group_a):
+    client = client_for(ines)
+    client.post(
+        reverse("admin:labs_group_change", args=[group_a.pk]),
+        {
+            "name": "Renamed",
+            "project_title": "x",
+            "project_idea": "y",
+            "course": group_a.course_id,
+        },
+    )
+    group_a.refresh_from_db()
+    assert group_a.name == "Alpha"
+
+
+def test_memberships_are_searchable_and_filtered_by_course_for_staff(
+    client_for, ines, alice, dave
+):
+    client = client_for(ines)
+    page = client.get(reverse("admin:labs_membership_changelist"), {"q": "dave"}).content.decode()
+    assert "dave@example.edu" in page and "alice@example.edu" not in page
+
+
+def test_a_superuser_sees_everything(client, group_a):
+    admin = get_user_model().objects.create_superuser("root", "root@example.edu", None)
+    client.force_login(admin)
+    assert "Alpha" in client.get(reverse(CHANGELIST)).content.decode()

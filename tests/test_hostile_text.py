@@ -1,0 +1,81 @@
+"""Hostile text in every field is stored as typed and shown escaped, never breaking a page."""
+
+import pytest
+from django.urls import reverse
+
+from labs.models import Group
+
+pytestmark = pytest.mark.django_db
+
+HOSTILE = "<script>alert('x')</script> & \"quoted\" <b>bold</b> Ünïcødé 🚀 שלום"
+
+
+@pytest.fixture
+def hostile_group(client_for, alice, bob, make_public_key):
+    client = client_for(alice)
+    response = client.post(
+        reverse("labs:group_signup", args=["os101"]),
+        {
+            "name": HOSTILE[:80],
+            "members": "bob",
+            "project_title": (HOSTILE * 5)[:200],
+            "project_idea": (HOSTILE + "\n") * 70,
+            "ssh_public_key": make_public_key(HOSTILE),
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    return Group.objects.get()
+
+
+def assert_escaped(page: str):
+    assert "<script>alert" not in page
+    assert "<b>bold</b>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &quot;quoted&quot;" in page
+    assert "Ünïcødé 🚀 שלום" in page
+
+
+def test_it_is_stored_exactly_as_typed(hostile_group):
+    assert hostile_group.name == HOSTILE[:80]
+    assert hostile_group.project_idea.startswith(HOSTILE)
+    assert len(hostile_group.project_idea) > 4000
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "ines"])
+def test_the_group_page_shows_it_escaped(client_for, hostile_group, request, who):
+    user = request.getfixturevalue(who)
+    response = client_for(user).get(reverse("labs:group_detail", args=[hostile_group.pk]))
+    assert response.status_code == 200
+    assert_escaped(response.content.decode())
+
+
+def test_the_home_page_shows_the_name_escaped(client_for, alice, hostile_group):
+    page = client_for(alice).get(reverse("labs:home")).content.decode()
+    assert "<script>alert" not in page and "&lt;script&gt;" in page
+
+
+def test_the_admin_shows_it_escaped(client_for, ines, hostile_group):
+    client = client_for(ines)
+    listing = client.get(reverse("admin:labs_group_changelist")).content.decode()
+    assert "<script>alert" not in listing and "&lt;script&gt;" in listing
+    change = client.get(reverse("admin:labs_group_change", args=[hostile_group.pk]))
+    assert "<script>alert" not in change.content.decode()
+
+
+def test_too_long_input_is_refused_with_a_message_not_an_error_page(
+    client_for, dave, make_public_key
+):
+    response = client_for(dave).post(
+        reverse("labs:group_signup", args=["os101"]),
+        {
+            "name": "x" * 500,
+            "members": "",
+            "project_title": "t",
+            "project_idea": "i" * 6000,
+            "ssh_public_key": make_public_key(),
+        },
+    )
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "Ensure this value has at most 80 characters" in page
+    assert "at most 5000 characters" in page
+    assert not Group.objects.exists()

@@ -1,0 +1,64 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from portal.env import env_bool, env_int, env_list
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCTION = {
+    "DEBUG": "false",
+    "SECRET_KEY": "k" * 20 + "Zq8#vN2@rT5!mW9$xB4%yC7^pL1&hJ6*",
+    "ALLOWED_HOSTS": "stratus.example.edu",
+    "CSRF_TRUSTED_ORIGINS": "https://stratus.example.edu",
+    "SITE_URL": "https://stratus.example.edu",
+    "SECURE_HSTS_PRELOAD": "true",
+    "EMAIL_HOST": "smtp.example.edu",
+}
+
+
+def manage(*args, env):
+    # The browser tests allow sync ORM calls beside Playwright's loop; production does not.
+    ignored = {*PRODUCTION, "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    clean = {k: v for k, v in os.environ.items() if k not in ignored}
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_deploy_is_clean_with_production_variables(tmp_path):
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_production_without_secret_key_refuses_to_start():
+    env = {**PRODUCTION, "SECRET_KEY": ""}
+    result = manage("check", env=env)
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set" in result.stderr
+
+
+def test_a_bad_boolean_names_the_variable(monkeypatch):
+    monkeypatch.setenv("DEBUG", "maybe")
+    with pytest.raises(ImproperlyConfigured, match="DEBUG must be a boolean"):
+        env_bool("DEBUG")
+
+
+def test_a_bad_integer_names_the_variable(monkeypatch):
+    monkeypatch.setenv("EMAIL_PORT", "twenty")
+    with pytest.raises(ImproperlyConfigured, match="EMAIL_PORT must be an integer"):
+        env_int("EMAIL_PORT", 25)
+
+
+def test_lists_are_split_on_commas(monkeypatch):
+    monkeypatch.setenv("ALLOWED_HOSTS", " a.example , b.example,,")
+    assert env_list("ALLOWED_HOSTS") == ["a.example", "b.example"]

@@ -1,0 +1,273 @@
+"""Every student-facing page for the cast: anonymous, member, teammate, other group, instructor."""
+
+import pytest
+from django.urls import reverse
+
+from labs.choices import GroupStatus
+from labs.models import Group
+from labs.services.groups import group_approve, group_reject
+
+pytestmark = pytest.mark.django_db
+
+
+def detail(group):
+    return reverse("labs:group_detail", args=[group.pk])
+
+
+def signup_data(key, **over):
+    data = {
+        "name": "Gamma",
+        "members": "",
+        "project_title": "Scheduler",
+        "project_idea": "A lottery scheduler.",
+        "ssh_public_key": key,
+    }
+    data.update(over)
+    return data
+
+
+# --- anonymous ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["home", "detail", "edit", "signup"])
+def test_anonymous_visitors_are_sent_to_sign_in(client, group_a, name):
+    url = {
+        "home": reverse("labs:home"),
+        "detail": detail(group_a),
+        "edit": reverse("labs:group_edit", args=[group_a.pk]),
+        "signup": reverse("labs:group_signup", args=["os101"]),
+    }[name]
+    response = client.get(url)
+    assert response.status_code == 302
+    assert response["Location"].startswith(reverse("login"))
+
+
+def test_anonymous_key_replacement_changes_nothing(client, group_a, make_public_key):
+    before = group_a.ssh_key_fingerprint
+    response = client.post(
+        reverse("labs:group_key", args=[group_a.pk]), {"ssh_public_key": make_public_key()}
+    )
+    assert response.status_code == 302
+    group_a.refresh_from_db()
+    assert group_a.ssh_key_fingerprint == before
+
+
+# --- home --------------------------------------------------------------------------------
+
+
+def test_home_shows_a_student_without_group_the_signup_link(client_for, dave, course):
+    page = client_for(dave).get(reverse("labs:home")).content.decode()
+    assert "Operating Systems" in page
+    assert reverse("labs:group_signup", args=["os101"]) in page
+
+
+def test_home_shows_a_member_their_group_and_status(client_for, alice, group_a):
+    page = client_for(alice).get(reverse("labs:home")).content.decode()
+    assert detail(group_a) in page and "Pending review" in page
+
+
+def test_home_shows_the_instructor_where_reviews_happen(client_for, ines, course):
+    page = client_for(ines).get(reverse("labs:home")).content.decode()
+    assert reverse("admin:labs_group_changelist") in page
+
+
+# --- group page ----------------------------------------------------------------------------
+
+
+def test_the_member_sees_members_idea_fingerprint_and_status(client_for, alice, group_a):
+    page = client_for(alice).get(detail(group_a)).content.decode()
+    for text in ["Alpha", "alice", "bob", "We write a POSIX shell.", "Pending review"]:
+        assert text in page
+    assert group_a.ssh_key_fingerprint in page
+
+
+def test_a_teammate_sees_the_same_page_and_can_edit(client_for, bob, group_a):
+    page = client_for(bob).get(detail(group_a)).content.decode()
+    assert "We write a POSIX shell." in page
+    assert reverse("labs:group_edit", args=[group_a.pk]) in page
+
+
+def test_a_student_of_another_group_gets_a_404_with_nothing_of_the_group(
+    client_for, carol, group_a, group_b
+):
+    client = client_for(carol)
+    response = client.get(detail(group_a))
+    assert response.status_code == 404
+    assert b"POSIX" not in response.content and b"Alpha" not in response.content
+    assert client.get(reverse("labs:group_edit", args=[group_a.pk])).status_code == 404
+
+
+def test_a_student_without_group_gets_a_404_for_any_group(client_for, dave, group_a):
+    assert client_for(dave).get(detail(group_a)).status_code == 404
+
+
+def test_a_missing_group_is_a_404_like_a_forbidden_one(client_for, alice, group_a):
+    assert client_for(alice).get(reverse("labs:group_detail", args=[99999])).status_code == 404
+
+
+def test_the_instructor_sees_any_group_of_the_course_without_edit_forms(client_for, ines, group_a):
+    page = client_for(ines).get(detail(group_a)).content.decode()
+    assert "We write a POSIX shell." in page
+    assert reverse("labs:group_key", args=[group_a.pk]) not in page
+
+
+def test_an_instructor_of_another_course_gets_a_404(client_for, make_student, group_a):
+    from labs.models import Course
+
+    other = Course.objects.create(slug="net", title="Networks")
+    tom = make_student("tom", role="instructor", in_course=other)
+    assert client_for(tom).get(detail(group_a)).status_code == 404
+
+
+def test_the_reviewer_note_is_shown_to_members(client_for, alice, ines, group_a):
+    group_reject(group=group_a, by=ines, note="Say what you will measure.")
+    page = client_for(alice).get(detail(group_a)).content.decode()
+    assert "Say what you will measure." in page and "Rejected" in page
+    assert "resubmit" in page
+
+
+# --- signup ------------------------------------------------------------------------------
+
+
+def test_a_student_signs_up_a_group_and_lands_on_its_page(client_for, dave, make_public_key):
+    client = client_for(dave)
+    assert b"Sign up" in client.get(reverse("labs:group_signup", args=["os101"])).content
+    response = client.post(
+        reverse("labs:group_signup", args=["os101"]), signup_data(make_public_key()), follow=True
+    )
+    group = Group.objects.get(name="Gamma")
+    assert response.redirect_chain[-1][0] == detail(group)
+    assert b"waits for review" in response.content
+
+
+def test_signup_errors_are_shown_next_to_the_fields(client_for, dave, make_public_key):
+    response = client_for(dave).post(
+        reverse("labs:group_signup", args=["os101"]),
+        signup_data("-----BEGIN OPENSSH PRIVATE KEY-----\nxyz\n", members="nobody"),
+    )
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "private key" in page
+    assert not Group.objects.exists()
+
+
+def test_signup_without_csrf_token_is_refused(dave, make_public_key):
+    from django.test import Client
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(dave)
+    response = client.post(
+        reverse("labs:group_signup", args=["os101"]), signup_data(make_public_key())
+    )
+    assert response.status_code == 403
+    assert not Group.objects.exists()
+
+
+def test_a_member_visiting_signup_is_sent_to_their_group(client_for, alice, group_a):
+    response = client_for(alice).get(reverse("labs:group_signup", args=["os101"]))
+    assert response.status_code == 302 and response["Location"] == detail(group_a)
+
+
+def test_signup_for_a_course_not_on_your_roster_is_a_404(client_for, dave, make_public_key):
+    from labs.models import Course
+
+    Course.objects.create(slug="secret", title="Secret course")
+    client = client_for(dave)
+    assert client.get(reverse("labs:group_signup", args=["secret"])).status_code == 404
+    response = client.post(
+        reverse("labs:group_signup", args=["secret"]), signup_data(make_public_key())
+    )
+    assert response.status_code == 404
+    assert not Group.objects.exists()
+
+
+def test_the_instructor_gets_no_signup_form(client_for, ines, make_public_key):
+    client = client_for(ines)
+    page = client.get(reverse("labs:group_signup", args=["os101"])).content.decode()
+    assert "Only students sign up groups" in page
+    client.post(reverse("labs:group_signup", args=["os101"]), signup_data(make_public_key()))
+    assert not Group.objects.exists()
+
+
+# --- edit and key ------------------------------------------------------------------------
+
+
+def test_a_teammate_edits_the_idea(client_for, bob, group_a):
+    response = client_for(bob).post(
+        reverse("labs:group_edit", args=[group_a.pk]),
+        {"project_title": "Shell 2", "project_idea": "Pipes and job control."},
+        follow=True,
+    )
+    assert b"Pipes and job control." in response.content
+    group_a.refresh_from_db()
+    assert group_a.project_title == "Shell 2"
+
+
+def test_another_group_cannot_edit_or_replace_the_key(
+    client_for, carol, group_a, group_b, make_public_key
+):
+    client = client_for(carol)
+    before = (group_a.project_idea, group_a.ssh_key_fingerprint)
+    assert (
+        client.post(
+            reverse("labs:group_edit", args=[group_a.pk]),
+            {"project_title": "x", "project_idea": "hijacked"},
+        ).status_code
+        == 404
+    )
+    assert (
+        client.post(
+            reverse("labs:group_key", args=[group_a.pk]), {"ssh_public_key": make_public_key()}
+        ).status_code
+        == 404
+    )
+    group_a.refresh_from_db()
+    assert (group_a.project_idea, group_a.ssh_key_fingerprint) == before
+
+
+def test_the_instructor_cannot_edit_a_students_group_through_the_student_pages(
+    client_for, ines, group_a
+):
+    response = client_for(ines).post(
+        reverse("labs:group_edit", args=[group_a.pk]),
+        {"project_title": "x", "project_idea": "changed by staff"},
+    )
+    assert response.status_code == 404
+
+
+def test_key_replacement_must_be_a_post(client_for, alice, group_a):
+    assert client_for(alice).get(reverse("labs:group_key", args=[group_a.pk])).status_code == 405
+
+
+def test_a_member_replaces_the_key_and_sees_the_new_fingerprint(
+    client_for, alice, group_a, make_public_key
+):
+    response = client_for(alice).post(
+        reverse("labs:group_key", args=[group_a.pk]),
+        {"ssh_public_key": make_public_key()},
+        follow=True,
+    )
+    group_a.refresh_from_db()
+    assert group_a.ssh_key_fingerprint in response.content.decode()
+
+
+def test_a_bad_replacement_key_is_explained(client_for, alice, group_a):
+    response = client_for(alice).post(
+        reverse("labs:group_key", args=[group_a.pk]), {"ssh_public_key": "ssh-dss AAAAB3Nza"}
+    )
+    assert response.status_code == 400
+    assert b"DSA" in response.content
+
+
+def test_an_approved_group_shows_no_edit_forms_and_refuses_edits(client_for, alice, ines, group_a):
+    group_approve(group=group_a, by=ines)
+    client = client_for(alice)
+    page = client.get(detail(group_a)).content.decode()
+    assert "Approved" in page and reverse("labs:group_key", args=[group_a.pk]) not in page
+    response = client.post(
+        reverse("labs:group_edit", args=[group_a.pk]),
+        {"project_title": "x", "project_idea": "late change"},
+    )
+    assert b"approved" in response.content
+    group_a.refresh_from_db()
+    assert group_a.status == GroupStatus.APPROVED and group_a.project_idea != "late change"
