@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+export SITE_URL ?= http://$(HOST):$(PORT)
 
 .PHONY: run test lint format system-run system-test migrate demo serve clean
 
