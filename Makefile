@@ -8,18 +8,27 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export SITE_URL ?= http://$(HOST):$(PORT)
 
-.PHONY: run test lint format system-run system-test migrate demo serve clean
+IMAGE_DIR ?= /var/lib/stratus/images
+export STRATUS_IMAGE_DIR := $(IMAGE_DIR)
+
+.PHONY: run test lint format system-run system-test migrate demo serve image clean
 
 run: system-run $(VENV)/.run-deps migrate demo serve
 
-test: system-test $(VENV)/.dev-deps lint
+test: system-test $(VENV)/.dev-deps lint image
 	$(PY) -m pytest
 
 system-run:
 	@scripts/setup-system.sh run
+	@scripts/setup-libvirt.sh
 
 system-test:
 	@scripts/setup-system.sh test
+	@scripts/setup-libvirt.sh
+
+# The Debian 12 base image guests boot from (built once, then reused; docs/base-image.md).
+image: $(VENV)/.run-deps
+	$(PY) manage.py build_image debian-12 --dest $(IMAGE_DIR) --no-register
 
 $(VENV)/bin/python:
 	"$$(scripts/find-python.sh)" -m venv $(VENV)

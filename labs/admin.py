@@ -12,8 +12,9 @@ from django.template.response import TemplateResponse
 
 from labs import selectors
 from labs.forms import RejectForm
-from labs.models import Course, Group, Membership
+from labs.models import Course, Group, Host, Image, Membership, Operation, Snapshot, Vm, VmTemplate
 from labs.services import groups as group_services
+from labs.services import vms as vm_services
 
 
 def _is_course_staff(request) -> bool:
@@ -130,8 +131,13 @@ class GroupAdmin(CourseScopedAdmin):
         "created_at",
         "updated_at",
     ]
+    quota_fields = ["quota_vms", "quota_vcpus", "quota_memory_mib", "quota_disk_gib"]
     fieldsets = [
         (None, {"fields": ["course", "name", "status", "project_title", "project_idea"]}),
+        (
+            "Quota overrides (empty: the course's VM template)",
+            {"fields": ["quota_vms", "quota_vcpus", "quota_memory_mib", "quota_disk_gib"]},
+        ),
         (
             "SSH key",
             {"fields": ["ssh_key_fingerprint", "ssh_key_type", "ssh_key_bits", "ssh_public_key"]},
@@ -142,6 +148,16 @@ class GroupAdmin(CourseScopedAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("memberships__user")
+
+    def has_change_permission(self, request, obj=None):
+        # Course staff may raise a group's quotas; every other field stays read-only.
+        return request.user.is_superuser or _is_course_staff(request)
+
+    def get_readonly_fields(self, request, obj=None):
+        if request.user.is_superuser:
+            return self.readonly_fields
+        every = [f for _, opts in self.fieldsets for f in opts["fields"]]
+        return [f for f in every if f not in self.quota_fields]
 
     def get_search_results(self, request, queryset, search_term):
         queryset, _ = super().get_search_results(request, queryset, search_term)
@@ -191,3 +207,88 @@ class GroupAdmin(CourseScopedAdmin):
             else:
                 done += 1
         return done
+
+
+@admin.register(Host)
+class HostAdmin(admin.ModelAdmin):
+    list_display = ["name", "uri", "enabled", "virt_type", "network_mode", "usage", "last_seen_at"]
+    list_filter = ["enabled", "virt_type", "network_mode"]
+    search_fields = ["name", "uri"]
+    readonly_fields = ["last_seen_at", "last_error"]
+
+    @admin.display(description="used / available (vCPU, MiB, GiB)")
+    def usage(self, obj):
+        cap = vm_services.host_capacity(host=obj)
+        return ", ".join(f"{used}/{available}" for used, available in cap.values())
+
+
+@admin.register(Image)
+class ImageAdmin(admin.ModelAdmin):
+    list_display = ["name", "os", "login_user", "path", "size_gib"]
+    search_fields = ["name", "os"]
+
+
+@admin.register(VmTemplate)
+class VmTemplateAdmin(CourseScopedAdmin):
+    list_display = ["course", "image", "count", "vcpus", "memory_mib", "disk_gib", "quota_vms"]
+    list_select_related = ["course", "image"]
+
+
+class OperationInline(admin.TabularInline):
+    model = Operation
+    fields = ["created_at", "kind", "status", "requested_by", "progress", "error"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["-created_at"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser or _is_course_staff(request)
+
+
+@admin.register(Vm)
+class VmAdmin(CourseScopedAdmin):
+    course_path = "group__course"
+    list_display = [
+        "__str__",
+        "host",
+        "observed_state",
+        "desired_state",
+        "ssh_port",
+        "status_message",
+    ]
+    list_filter = [("group__course", admin.RelatedOnlyFieldListFilter), "observed_state", "host"]
+    search_fields = ["name", "group__name", "uuid"]
+    list_select_related = ["group", "host"]
+    readonly_fields = [
+        "uuid",
+        "instance_id",
+        "observed_state",
+        "observed_at",
+        "status_message",
+        "created_at",
+    ]
+    inlines = [OperationInline]
+
+
+@admin.register(Operation)
+class OperationAdmin(CourseScopedAdmin):
+    course_path = "vm__group__course"
+    list_display = ["created_at", "vm", "kind", "status", "requested_by", "progress", "error"]
+    list_filter = ["status", "kind", ("vm__group__course", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["vm__name", "vm__group__name", "requested_by__username"]
+    list_select_related = ["vm__group", "requested_by"]
+    date_hierarchy = "created_at"
+
+    def has_change_permission(self, request, obj=None):
+        return False  # the audit trail is not edited
+
+
+@admin.register(Snapshot)
+class SnapshotAdmin(CourseScopedAdmin):
+    course_path = "vm__group__course"
+    list_display = ["name", "vm", "with_memory", "created_by", "created_at"]
+    list_select_related = ["vm__group", "created_by"]

@@ -14,3 +14,54 @@ class GroupStatus(models.TextChoices):
     PENDING = "pending", "Pending review"
     APPROVED = "approved", "Approved"
     REJECTED = "rejected", "Rejected"
+
+
+class VirtType(models.TextChoices):
+    AUTO = "auto", "Auto (probe)"
+    KVM = "kvm", "KVM"
+    QEMU = "qemu", "QEMU (TCG, no acceleration)"
+
+
+class NetworkMode(models.TextChoices):
+    USER = "user", "User-mode (SSH forwarded on the host's loopback)"
+    BRIDGE = "bridge", "Bridge (production: guest on a host bridge)"
+
+
+class DesiredState(models.TextChoices):
+    RUNNING = "running", "Running"
+    STOPPED = "stopped", "Stopped"
+    DELETED = "deleted", "Deleted"
+
+
+class ObservedState(models.TextChoices):
+    NEW = "new", "Not created yet"
+    RUNNING = "running", "Running"
+    SHUTOFF = "shutoff", "Stopped"
+    PAUSED = "paused", "Paused"
+    CRASHED = "crashed", "Crashed"
+    MISSING = "missing", "Missing on host"
+    UNKNOWN = "unknown", "Unknown (host did not answer)"
+    DELETED = "deleted", "Deleted"
+
+
+class OperationKind(models.TextChoices):
+    PROVISION = "provision", "Provision"
+    START = "start", "Start"
+    STOP = "stop", "Shut down"
+    REBOOT = "reboot", "Reboot"
+    FORCE_OFF = "force_off", "Force off"
+    SNAPSHOT = "snapshot", "Snapshot"
+    REVERT = "revert", "Revert to snapshot"
+    SNAPSHOT_DELETE = "snapshot_delete", "Delete snapshot"
+    RESET = "reset", "Reset to baseline"
+    DELETE = "delete", "Delete"
+
+
+class OperationStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+ACTIVE_OPERATION_STATUSES = (OperationStatus.QUEUED, OperationStatus.RUNNING)

@@ -1,10 +1,23 @@
+import uuid
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 
-from labs.choices import STAFF_ROLES, GroupStatus, Role
+from labs.choices import (
+    ACTIVE_OPERATION_STATUSES,
+    STAFF_ROLES,
+    DesiredState,
+    GroupStatus,
+    NetworkMode,
+    ObservedState,
+    OperationKind,
+    OperationStatus,
+    Role,
+    VirtType,
+)
 
 
 class Course(models.Model):
@@ -76,6 +89,11 @@ class Group(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Quota overrides an instructor can raise for one group; empty = the course template's.
+    quota_vms = models.PositiveSmallIntegerField(null=True, blank=True)
+    quota_vcpus = models.PositiveSmallIntegerField(null=True, blank=True)
+    quota_memory_mib = models.PositiveIntegerField(null=True, blank=True)
+    quota_disk_gib = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["course", "name"]
@@ -143,3 +161,216 @@ class Membership(models.Model):
     @property
     def is_course_staff(self) -> bool:
         return self.role in STAFF_ROLES
+
+
+class Host(models.Model):
+    """A libvirt hypervisor. Its worker consumes the Celery queue ``host.<name>``."""
+
+    name = models.SlugField(max_length=40, unique=True)
+    uri = models.CharField(
+        "libvirt URI", max_length=300, help_text="qemu:///system, or qemu+ssh://host/system"
+    )
+    enabled = models.BooleanField(default=True, help_text="New VMs are placed on enabled hosts.")
+    vcpus = models.PositiveIntegerField("vCPUs")
+    memory_mib = models.PositiveIntegerField("memory (MiB)")
+    disk_gib = models.PositiveIntegerField("disk (GiB)")
+    cpu_overcommit = models.DecimalField(max_digits=4, decimal_places=2, default=4)
+    memory_overcommit = models.DecimalField(max_digits=4, decimal_places=2, default=1)
+    disk_overcommit = models.DecimalField(max_digits=4, decimal_places=2, default=2)
+    virt_type = models.CharField(max_length=8, choices=VirtType.choices, default=VirtType.AUTO)
+    network_mode = models.CharField(
+        max_length=8, choices=NetworkMode.choices, default=NetworkMode.USER
+    )
+    bridge = models.CharField(max_length=15, blank=True, help_text="Bridge mode: the bridge.")
+    ssh_address = models.CharField(
+        "SSH address",
+        max_length=255,
+        default="127.0.0.1",
+        help_text="The address students SSH to; user-mode forwards listen on its loopback.",
+    )
+    ssh_port_min = models.PositiveIntegerField(default=22000)
+    ssh_port_max = models.PositiveIntegerField(default=22999)
+    storage_dir = models.CharField(
+        max_length=300, default="/var/lib/stratus/vms", help_text="Overlays and seeds."
+    )
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(ssh_port_min__gte=1024)
+                & models.Q(ssh_port_max__lte=65535)
+                & models.Q(ssh_port_max__gte=models.F("ssh_port_min")),
+                name="host_ssh_port_range",
+                violation_error_message="SSH ports are a range within 1024-65535.",
+            ),
+            models.CheckConstraint(
+                condition=~models.Q(network_mode=NetworkMode.BRIDGE) | ~models.Q(bridge=""),
+                name="host_bridge_named",
+                violation_error_message="Bridge mode needs the bridge's name.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return f"host.{self.name}"
+
+
+class Image(models.Model):
+    """A read-only base disk image. Every host keeps it at the same path."""
+
+    name = models.SlugField(max_length=60, unique=True)
+    os = models.CharField("OS", max_length=100)
+    login_user = models.CharField(max_length=32, default="student")
+    path = models.CharField(max_length=300, help_text="Absolute path of the qcow2 on each host.")
+    size_gib = models.PositiveIntegerField("virtual size (GiB)", default=3)
+    sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class VmTemplate(models.Model):
+    """What an approved group of a course gets, and how far it may grow."""
+
+    course = models.OneToOneField(Course, on_delete=models.CASCADE, related_name="vm_template")
+    image = models.ForeignKey(Image, on_delete=models.PROTECT)
+    count = models.PositiveSmallIntegerField("VMs per group at approval", default=1)
+    vcpus = models.PositiveSmallIntegerField("vCPUs", default=1)
+    memory_mib = models.PositiveIntegerField("memory (MiB)", default=1024)
+    disk_gib = models.PositiveIntegerField("disk (GiB)", default=10)
+    quota_vms = models.PositiveSmallIntegerField(default=2)
+    quota_vcpus = models.PositiveSmallIntegerField(default=4)
+    quota_memory_mib = models.PositiveIntegerField(default=4096)
+    quota_disk_gib = models.PositiveIntegerField(default=40)
+
+    def __str__(self) -> str:
+        return f"VM template of {self.course.slug}"
+
+
+class Vm(models.Model):
+    group = models.ForeignKey(Group, on_delete=models.PROTECT, related_name="vms")
+    name = models.CharField(max_length=40)
+    host = models.ForeignKey(
+        Host, null=True, blank=True, on_delete=models.PROTECT, related_name="vms"
+    )
+    image = models.ForeignKey(Image, on_delete=models.PROTECT)
+    vcpus = models.PositiveSmallIntegerField()
+    memory_mib = models.PositiveIntegerField()
+    disk_gib = models.PositiveIntegerField()
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    instance_id = models.CharField(max_length=64, blank=True)
+    ssh_port = models.PositiveIntegerField(null=True, blank=True)
+    desired_state = models.CharField(
+        max_length=8, choices=DesiredState.choices, default=DesiredState.RUNNING
+    )
+    observed_state = models.CharField(
+        max_length=8, choices=ObservedState.choices, default=ObservedState.NEW
+    )
+    observed_at = models.DateTimeField(null=True, blank=True)
+    status_message = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["group", "name"]
+        verbose_name = "VM"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["group", "name"],
+                name="vm_name_unique_per_group",
+                violation_error_message="The group already has a VM with this name.",
+            ),
+            models.UniqueConstraint(
+                fields=["host", "ssh_port"],
+                name="vm_ssh_port_unique_per_host",
+                violation_error_message="This SSH port is taken on the host.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.group.name}/{self.name}"
+
+    @property
+    def domain_name(self) -> str:
+        """The libvirt name: derived from the id, so free text never reaches libvirt names."""
+        return f"{settings.STRATUS_DOMAIN_PREFIX}{self.pk}"
+
+    @property
+    def ssh_command(self) -> str:
+        if not (self.host and self.ssh_port):
+            return ""
+        return f"ssh -p {self.ssh_port} {self.image.login_user}@{self.host.ssh_address}"
+
+
+class Snapshot(models.Model):
+    vm = models.ForeignKey(Vm, on_delete=models.CASCADE, related_name="snapshots")
+    name = models.CharField(max_length=60)
+    with_memory = models.BooleanField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["vm", "created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vm", "name"],
+                name="snapshot_name_unique_per_vm",
+                violation_error_message="This VM already has a snapshot with this name.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Operation(models.Model):
+    """One long operation on a VM: the job row a Celery task claims, and the audit trail."""
+
+    vm = models.ForeignKey(Vm, on_delete=models.PROTECT, related_name="operations")
+    kind = models.CharField(max_length=16, choices=OperationKind.choices)
+    params = models.JSONField(default=dict, blank=True)
+    status = models.CharField(
+        max_length=10, choices=OperationStatus.choices, default=OperationStatus.QUEUED
+    )
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    progress = models.CharField(max_length=200, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vm"],
+                condition=models.Q(status__in=ACTIVE_OPERATION_STATUSES),
+                name="one_active_operation_per_vm",
+                violation_error_message="Another operation is already queued or running.",
+            )
+        ]
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.vm} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_OPERATION_STATUSES

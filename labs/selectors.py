@@ -8,8 +8,8 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Prefetch, Q, QuerySet
 from django.http import Http404
 
-from labs.choices import STAFF_ROLES, Role
-from labs.models import Course, Group, Membership
+from labs.choices import STAFF_ROLES, DesiredState, Role
+from labs.models import Course, Group, Membership, Operation, Vm
 
 
 def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
@@ -87,3 +87,42 @@ def course_membership(*, user: AbstractBaseUser, slug: str) -> Membership:
     if membership is None:
         raise Http404("No such course.")
     return membership
+
+
+def vm_for_user(*, user: AbstractBaseUser, vm_id: int) -> Vm:
+    """A live VM of a group the user is a member of, or of a course they teach; else 404."""
+    vm = (
+        Vm.objects.select_related("group__course", "host", "image")
+        .exclude(desired_state=DesiredState.DELETED)
+        .filter(pk=vm_id)
+        .first()
+    )
+    if vm is None or not user.is_authenticated:
+        raise Http404("No such VM.")
+    if Membership.objects.filter(user=user, group=vm.group_id).exists():
+        return vm
+    if user_is_course_staff(user=user, course=vm.group.course):
+        return vm
+    raise Http404("No such VM.")
+
+
+def vms_of_group(*, group: Group) -> list[Vm]:
+    """The group's live VMs with snapshots and their latest operations, for its page."""
+    recent = Prefetch(
+        "operations",
+        queryset=Operation.objects.select_related("requested_by").order_by("-created_at"),
+    )
+    return list(
+        group.vms.exclude(desired_state=DesiredState.DELETED)
+        .select_related("host", "image")
+        .prefetch_related("snapshots", recent)
+        .order_by("name")
+    )
+
+
+def operations_of_group(*, group: Group, limit: int = 30) -> list[Operation]:
+    return list(
+        Operation.objects.filter(vm__group=group)
+        .select_related("vm", "requested_by")
+        .order_by("-created_at")[:limit]
+    )

@@ -10,4 +10,6 @@ urlpatterns = [
     path("groups/<int:group_id>/", views.group_detail, name="group_detail"),
     path("groups/<int:group_id>/edit/", views.group_edit, name="group_edit"),
     path("groups/<int:group_id>/key/", views.group_key, name="group_key"),
+    path("groups/<int:group_id>/vms/add/", views.vm_add, name="vm_add"),
+    path("vms/<int:vm_id>/<slug:kind>/", views.vm_operation, name="vm_operation"),
 ]

@@ -1,13 +1,15 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
+from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
 from labs import selectors
-from labs.choices import Role
+from labs.choices import GroupStatus, OperationKind, Role
 from labs.forms import GroupEditForm, GroupKeyForm, GroupSignupForm
 from labs.services import groups as group_services
+from labs.services import vms as vm_services
 
 
 @login_required
@@ -55,6 +57,13 @@ def group_detail(request, group_id: int):
     members = list(group.memberships.all())
     is_member = any(m.user_id == request.user.pk for m in members)
     context = {"group": group, "members": members, "is_member": is_member}
+    if group.status == GroupStatus.APPROVED:
+        context.update(
+            vms=selectors.vms_of_group(group=group),
+            operations=selectors.operations_of_group(group=group),
+            quota=vm_services.group_quota(group=group),
+            usage=vm_services.group_usage(group=group),
+        )
     if is_member and group.is_editable:
         context["edit_form"] = GroupEditForm(
             initial={"project_title": group.project_title, "project_idea": group.project_idea}
@@ -112,3 +121,36 @@ def group_key(request, group_id: int):
             )
             return redirect("labs:group_detail", group_id=group.pk)
     return render(request, "labs/group_key.html", {"group": group, "form": form}, status=400)
+
+
+@login_required
+@require_POST
+def vm_add(request, group_id: int):
+    group = selectors.group_for_viewer(user=request.user, group_id=group_id)
+    try:
+        vm = vm_services.vm_create(group=group, by=request.user)
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        messages.success(request, f"{vm.name} is being created.")
+    return redirect("labs:group_detail", group_id=group.pk)
+
+
+@login_required
+@require_POST
+def vm_operation(request, vm_id: int, kind: str):
+    vm = selectors.vm_for_user(user=request.user, vm_id=vm_id)
+    if kind not in OperationKind.values or kind == OperationKind.PROVISION:
+        raise Http404("No such operation.")
+    try:
+        op = vm_services.vm_operation_request(
+            vm=vm,
+            kind=kind,
+            by=request.user,
+            params={"name": request.POST.get("name", "")},
+        )
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        messages.success(request, f"{op.get_kind_display()} of {vm.name} is queued.")
+    return redirect("labs:group_detail", group_id=vm.group_id)

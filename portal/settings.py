@@ -90,6 +90,39 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+# Celery. Operations are rows (labs.Operation); a task only carries the row's id.
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = ("labs.tasks.route_task",)
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Longer than the longest operation (a shutdown waits at most VM_SHUTDOWN_TIMEOUT, a
+# provision or reset a few minutes), so Redis never hands a running task to a second
+# worker. A worker killed mid-task has its operations re-queued when it starts again
+# (labs.tasks.recover_orphans), without waiting for this timeout.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)
+}
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {
+        "task": "labs.tasks.reconcile_all",
+        "schedule": env_int("RECONCILE_INTERVAL_SECONDS", 60),
+    },
+}
+
+# VMs
+STRATUS_IMAGE_DIR = env_str("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")
+VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 90)
+# libvirt domains are named PREFIX<vm id>; the tests use their own prefix so they never
+# touch a demo's or another run's domains on the same host.
+STRATUS_DOMAIN_PREFIX = env_str("STRATUS_DOMAIN_PREFIX", "stratus-vm-")
+# Test-only fault injection ("name:seconds,..."): a worker pauses at these points so a
+# test can kill it mid-operation. Empty in every real deployment.
+STRATUS_FAILPOINTS = env_str("STRATUS_FAILPOINTS")
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian packages Stratus needs, only those that are missing.
+# libvirt and QEMU come from scripts/setup-libvirt.sh, which also starts the daemons.
 #   scripts/setup-system.sh run    packages to run the site
 #   scripts/setup-system.sh test   packages to run the test suite (adds Chromium, ssh-keygen)
 set -euo pipefail
 
 profile=${1:-run}
-packages=(ca-certificates make openssh-client)
+packages=(ca-certificates make openssh-client
+          # building the base image (labs/services/images.py BUILD_PACKAGES)
+          mmdebstrap debian-archive-keyring qemu-utils e2fsprogs fdisk grub-common)
 case $profile in
   run) ;;
   test) packages+=(chromium fonts-dejavu-core) ;;
@@ -22,4 +25,24 @@ if ((${#missing[@]})); then
   echo "Installing Debian packages: ${missing[*]}"
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Redis on loopback (Celery's broker): use the one running, else install and start one.
+redis_up() { (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; }
+if ! redis_up; then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo=sudo
+  if ! command -v redis-server >/dev/null; then
+    echo "Installing Debian package: redis-server"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+  fi
+  if ! redis_up; then
+    if [[ -d /run/systemd/system ]]; then
+      $sudo systemctl start redis-server
+    else
+      $sudo redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    fi
+    for _ in $(seq 50); do redis_up && break; sleep 0.1; done
+  fi
+  redis_up || { echo "Redis did not start on 127.0.0.1:6379" >&2; exit 1; }
 fi

@@ -126,3 +126,78 @@ def test_a_superuser_sees_everything(client, group_a):
     admin = get_user_model().objects.create_superuser("root", "root@example.edu", None)
     client.force_login(admin)
     assert "Alpha" in client.get(reverse(CHANGELIST)).content.decode()
+
+
+# --- hosts, VMs, operations ---------------------------------------------------------------
+
+
+@pytest.fixture
+def vm_of_a(group_a, course):
+    from labs.models import Host, Image, Vm, VmTemplate
+
+    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
+    VmTemplate.objects.create(course=course, image=image)
+    host = Host.objects.create(
+        name="h1", uri="qemu:///system", vcpus=4, memory_mib=8192, disk_gib=100
+    )
+    return Vm.objects.create(
+        group=group_a,
+        name="vm1",
+        host=host,
+        image=image,
+        vcpus=1,
+        memory_mib=1024,
+        disk_gib=10,
+        ssh_port=22000,
+        status_message="Waiting: no host has room for it right now.",
+    )
+
+
+def test_the_instructor_sees_why_a_vm_waits(client_for, ines, vm_of_a):
+    page = client_for(ines).get(reverse("admin:labs_vm_changelist")).content.decode()
+    assert "Waiting: no host has room for it right now." in page
+
+
+def test_another_courses_instructor_sees_none_of_its_vms(client_for, make_student, vm_of_a):
+    other = Course.objects.create(slug="net", title="Networks")
+    tom = make_student("tom", role=Role.INSTRUCTOR, in_course=other)
+    page = client_for(tom).get(reverse("admin:labs_vm_changelist")).content.decode()
+    assert "Waiting: no host" not in page
+
+
+def test_hosts_and_images_stay_with_superusers(client_for, ines, vm_of_a):
+    client = client_for(ines)
+    assert client.get(reverse("admin:labs_host_changelist")).status_code == 403
+    assert client.get(reverse("admin:labs_image_changelist")).status_code == 403
+
+
+def test_an_instructor_raises_a_groups_quota_but_nothing_else(client_for, ines, group_a):
+    client = client_for(ines)
+    url = reverse("admin:labs_group_change", args=[group_a.pk])
+    response = client.post(
+        url,
+        {
+            "quota_vms": "5",
+            "quota_vcpus": "",
+            "quota_memory_mib": "",
+            "quota_disk_gib": "",
+            "name": "Renamed",
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        },
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+    group_a.refresh_from_db()
+    assert group_a.quota_vms == 5 and group_a.name == "Alpha"
+
+
+def test_the_audit_trail_is_read_only(client_for, vm_of_a, group_a):
+    from labs.models import Operation
+
+    op = Operation.objects.create(vm=vm_of_a, kind="reboot", status="failed", error="x")
+    admin = get_user_model().objects.create_superuser("root", "root@example.edu", None)
+    client = client_for(admin)
+    url = reverse("admin:labs_operation_change", args=[op.pk])
+    client.post(url, {"kind": "start", "status": "succeeded"})
+    op.refresh_from_db()
+    assert (op.kind, op.status) == ("reboot", "failed")

@@ -11,7 +11,7 @@ from django.utils import timezone
 from labs.choices import GroupStatus, Role
 from labs.models import Course, Group, Membership
 from labs.selectors import user_is_course_staff
-from labs.services import mail
+from labs.services import mail, vms
 from labs.services.keys import SshKeyInfo, sshkey_parse
 
 _USERNAME_SPLIT = re.compile(r"[\s,;]+")
@@ -222,14 +222,18 @@ def _review(*, group: Group, by: AbstractBaseUser, status: str, note: str) -> Gr
         locked.reviewed_by = by
         locked.reviewed_at = timezone.now()
         locked.save()
+        if status == GroupStatus.APPROVED:
+            # Machines for the group: placed now, provisioned by the workers after commit.
+            vms.group_vms_create(group=locked, by=by)
         transaction.on_commit(lambda: mail.group_reviewed(group=locked))
     return locked
 
 
 def group_approve(*, group: Group, by: AbstractBaseUser, note: str = "") -> Group:
-    """Approve a pending or rejected group and tell its members.
+    """Approve a pending or rejected group, create its VMs and tell its members.
 
-    This is the one place where approval happens: VM provisioning hangs off it.
+    The VMs come from the course's VM template, each placed on a host with room and
+    provisioned by a worker after commit; without room they wait (see vms.vm_place).
     Approving an approved group changes nothing.
     """
     return _review(group=group, by=by, status=GroupStatus.APPROVED, note=note)

@@ -1,0 +1,158 @@
+"""NoCloud seeds: the small ISO (label ``cidata``) cloud-init reads on a VM's first boot.
+
+It carries ``meta-data`` (instance-id, hostname) and ``user-data`` (accounts with the
+group's SSH key, passwordless sudo, no password logins, nothing that reaches out). Both
+are written as JSON, which is valid YAML, so no YAML emitter is needed and no value can
+break out of its quotes. A new instance-id makes cloud-init set the guest up again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import unicodedata
+
+import pycdlib
+
+VOLUME_LABEL = "cidata"
+DEFAULT_SHELL = "/bin/bash"
+SUDO_RULE = "ALL=(ALL) NOPASSWD:ALL"
+
+_USERNAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# Accounts the base system (Debian 12 + its packages) already has: cloud-init would add
+# the group's key and sudo to them instead of creating a new user.
+RESERVED_USERNAMES = frozenset(
+    {
+        "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news",
+        "uucp", "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "_apt",
+        "messagebus", "sshd", "polkitd", "systemd-network", "systemd-resolve",
+        "systemd-timesync", "systemd-coredump", "tss", "uuidd", "tcpdump", "admin",
+        "sudo", "adm", "staff", "users", "operator", "halt", "shutdown", "ftp",
+    }
+)  # fmt: skip
+_FILES = {"meta-data": "/METADATA.;1", "user-data": "/USERDATA.;1"}
+
+
+def hostname_for(text: str) -> str:
+    """A valid DNS label from free text: "Alpha & Co / VM 1" -> "alpha-co-vm-1"."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    label = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return label[:63].rstrip("-") or "vm"
+
+
+def is_valid_username(name: str) -> bool:
+    """Whether ``name`` (as given, after lower-casing) can be a new Linux account."""
+    try:
+        username_for(name)
+    except ValueError:
+        return False
+    return True
+
+
+def username_for(name: str) -> str:
+    """``name`` as a Linux account name (lower-cased), or ValueError saying why not."""
+    candidate = name.strip().lower() if isinstance(name, str) else ""
+    if not _USERNAME_RE.fullmatch(candidate):
+        raise ValueError(
+            f"{name!r} cannot be a Linux user name: use a-z, 0-9, '_' and '-', "
+            "starting with a letter or '_', at most 32 characters"
+        )
+    if candidate in RESERVED_USERNAMES or candidate.startswith("systemd-"):
+        raise ValueError(f"{name!r} is a system account on the VM and cannot be used")
+    return candidate
+
+
+def seed_build(
+    *,
+    instance_id: str,
+    hostname: str,
+    login_user: str,
+    extra_users: list[str],
+    ssh_public_key: str,
+) -> bytes:
+    """The NoCloud seed ISO for one VM.
+
+    ``hostname`` is made a DNS label with :func:`hostname_for`; user names are checked
+    with :func:`username_for` (ValueError for one that cannot be used); duplicates are
+    dropped. Every user gets the one SSH key and passwordless sudo; passwords are locked.
+    """
+    if not _INSTANCE_ID_RE.fullmatch(instance_id or ""):
+        raise ValueError("the instance-id must be 1-128 of A-Z, a-z, 0-9, '.', '_' and '-'")
+    key = (ssh_public_key or "").strip()
+    if not key or "\n" in key or "\r" in key or "\x00" in key:
+        raise ValueError("the SSH public key must be exactly one non-empty line")
+    host = hostname_for(hostname)
+    names: list[str] = []
+    for name in [login_user, *extra_users]:
+        username = username_for(name)
+        if username not in names:
+            names.append(username)
+
+    meta_data = {"instance-id": instance_id, "local-hostname": host}
+    user_data = {
+        "hostname": host,
+        "fqdn": host,
+        "preserve_hostname": False,
+        "manage_etc_hosts": True,
+        "users": [
+            {
+                "name": username,
+                "ssh_authorized_keys": [key],
+                "sudo": SUDO_RULE,
+                "lock_passwd": True,
+                "shell": DEFAULT_SHELL,
+            }
+            for username in names
+        ],
+        "ssh_pwauth": False,
+        "disable_root": True,
+        "package_update": False,
+        "package_upgrade": False,
+        "package_reboot_if_required": False,
+        "ntp": {"enabled": False},
+    }
+    files = {
+        "meta-data": json.dumps(meta_data, indent=2) + "\n",
+        "user-data": "#cloud-config\n" + json.dumps(user_data, indent=2) + "\n",
+    }
+    return _iso(files)
+
+
+def _iso(files: dict[str, str]) -> bytes:
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)
+    try:
+        for name, text in files.items():
+            data = text.encode()
+            iso.add_fp(
+                io.BytesIO(data),
+                len(data),
+                iso_path=_FILES[name],
+                rr_name=name,
+                joliet_path=f"/{name}",
+            )
+        out = io.BytesIO()
+        iso.write_fp(out)
+    finally:
+        iso.close()
+    return out.getvalue()
+
+
+def seed_read(iso: bytes) -> dict[str, str]:
+    """The files of a seed ISO by name (``meta-data``, ``user-data``), for tests and checks."""
+    reader = pycdlib.PyCdlib()
+    reader.open_fp(io.BytesIO(iso))
+    try:
+        files = {}
+        for child in reader.list_children(rr_path="/"):
+            if child.is_dot() or child.is_dotdot() or not child.is_file():
+                continue
+            name = child.rock_ridge.name().decode()
+            out = io.BytesIO()
+            reader.get_file_from_iso_fp(out, rr_path=f"/{name}")
+            files[name] = out.getvalue().decode()
+        return files
+    finally:
+        reader.close()

@@ -1,0 +1,71 @@
+"""Celery tasks: thin. Take an id, let a service claim and run it, retry transient errors."""
+
+import logging
+import os
+import socket
+
+from celery import shared_task
+from celery.signals import worker_ready
+
+from labs.services import vms
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 5
+OPERATION_TASK = "labs.tasks.operation_run_task"
+
+
+def route_task(name, args, kwargs, options, task=None, **kw):
+    """Send each VM operation to its host's queue (host.<name>); the rest to default."""
+    if name == OPERATION_TASK and args:
+        from labs.models import Operation
+
+        host = (
+            Operation.objects.filter(pk=args[0]).values_list("vm__host__name", flat=True).first()
+        )
+        if host:
+            return {"queue": f"host.{host}"}
+    return {"queue": "default"}
+
+
+# Made once per worker start, before the pool forks, so every child of one worker shares
+# it and a restarted worker has a new one.
+WORKER_BOOT = os.urandom(6).hex()
+
+
+def _worker_id(hostname: str | None) -> str:
+    return f"{hostname or socket.gethostname()}/{WORKER_BOOT}"
+
+
+@shared_task(bind=True, name=OPERATION_TASK, acks_late=True, max_retries=MAX_RETRIES)
+def operation_run_task(self, operation_id: int) -> str:
+    outcome = vms.operation_run(
+        operation_id=operation_id,
+        worker=_worker_id(self.request.hostname),
+        may_retry=self.request.retries < self.max_retries,
+    )
+    if outcome.status == "retry":
+        # Exponential backoff: 2, 4, 8, 16, 32 seconds.
+        raise self.retry(countdown=2 ** (self.request.retries + 1))
+    return outcome.status
+
+
+@shared_task(name="labs.tasks.reconcile_all", acks_late=True)
+def reconcile_all() -> str:
+    placed, reports = vms.reconcile_all()
+    return (
+        "; ".join(
+            f"{r.host}: {'ok' if r.reachable else 'unreachable'}, drift {len(r.drift or [])}"
+            for r in reports
+        )
+        + f"; placed {placed}"
+    )
+
+
+@worker_ready.connect
+def recover_orphans(sender=None, **kwargs):
+    """A worker that starts re-queues what a killed worker of the same node left running."""
+    node = getattr(sender, "hostname", None) or socket.gethostname()
+    for op_id in vms.operations_recover(worker_prefix=f"{node}/", alive_worker=_worker_id(node)):
+        log.warning("re-queueing operation %s left running by a killed worker", op_id)
+        vms.operation_enqueue(operation_id=op_id)

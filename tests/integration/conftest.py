@@ -1,0 +1,260 @@
+"""Real guests under QEMU (TCG here) on the local libvirtd, driven by a real Celery worker.
+
+The worker is a subprocess that shares the test database (a SQLite file, or the
+PostgreSQL test database) and consumes this run's own host queue on the real Redis.
+Domains get a per-run name prefix and live in a per-run storage directory, so nothing
+here touches a demo's VMs on the same machine.
+"""
+
+import hashlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from labs.choices import OperationStatus
+from labs.models import Host, Image, Operation, VmTemplate
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = secrets.token_hex(3)
+PREFIX = f"stratus-test{RUN}-vm-"
+HOST_NAME = f"it{RUN}"
+IMAGE_PATH = (
+    Path(os.environ.get("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")) / "debian-12.qcow2"
+)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def base_image() -> Path:
+    if not IMAGE_PATH.is_file():
+        pytest.fail(f"{IMAGE_PATH} is missing: `make image` builds it (make test does).")
+    return IMAGE_PATH
+
+
+def _virsh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture(scope="session")
+def storage_dir():
+    path = Path(f"/var/lib/stratus/test-{RUN}")
+    path.mkdir(parents=True, mode=0o755)
+    path.chmod(0o755)  # QEMU runs as libvirt-qemu and must reach the overlays
+    yield path
+    # Whatever a failed test left behind: this run's domains, its pool, its files.
+    for name in _virsh("list", "--all", "--name").stdout.split():
+        if name.startswith(PREFIX):
+            _virsh("destroy", name)
+            _virsh("undefine", name, "--snapshots-metadata", "--managed-save")
+    for line in _virsh("pool-list", "--all", "--name").stdout.split():
+        if f"<path>{path}</path>" in _virsh("pool-dumpxml", line).stdout:
+            _virsh("pool-destroy", line)
+            _virsh("pool-undefine", line)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _domain_prefix(settings):
+    settings.STRATUS_DOMAIN_PREFIX = PREFIX
+
+
+class Worker:
+    """A real `celery worker` process on this run's host queue."""
+
+    def __init__(self, db_name: str, extra_env: dict[str, str]):
+        self.db_name = db_name
+        self.extra_env = extra_env
+        self.proc: subprocess.Popen | None = None
+        self.log = ROOT / "test-artifacts" / f"worker-{RUN}.log"
+
+    def start(self, **env: str) -> None:
+        self.log.parent.mkdir(exist_ok=True)
+        environment = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "STRATUS_DOMAIN_PREFIX": PREFIX,
+            **self.extra_env,
+            **env,
+        }
+        environment.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "portal",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "1",
+                "-Q",
+                f"host.{HOST_NAME}",
+                "-n",
+                f"{HOST_NAME}@localhost",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if b"ready." in self.log.read_bytes():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"celery worker did not start; see {self.log}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children), as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.log.write_bytes(self.log.read_bytes() + b"\n--- killed ---\n")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+def _db_env() -> dict[str, str]:
+    db = settings.DATABASES["default"]
+    if db["ENGINE"].endswith("sqlite3"):
+        return {"SQLITE_PATH": str(db["NAME"])}
+    return {
+        "DATABASE_URL": (
+            f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST'] or '127.0.0.1'}:"
+            f"{db['PORT'] or 5432}/{db['NAME']}"
+        )
+    }
+
+
+@pytest.fixture
+def worker(transactional_db):
+    w = Worker(connection.settings_dict["NAME"], _db_env())
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def qemu_host(transactional_db, storage_dir) -> Host:
+    return Host.objects.create(
+        name=HOST_NAME,
+        uri="qemu:///system",
+        vcpus=2,
+        memory_mib=8192,
+        disk_gib=100,
+        virt_type="qemu",
+        network_mode="user",
+        ssh_port_min=42200,
+        ssh_port_max=42299,
+        storage_dir=str(storage_dir),
+    )
+
+
+@pytest.fixture
+def debian_template(transactional_db, base_image, course) -> VmTemplate:
+    image = Image.objects.create(
+        name="debian-12", os="Debian 12", login_user="student", path=str(base_image), size_gib=2
+    )
+    return VmTemplate.objects.create(
+        course=course, image=image, count=1, vcpus=1, memory_mib=1024, disk_gib=4
+    )
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_operation(op: Operation, *, timeout: float = 120) -> Operation:
+    def done():
+        op.refresh_from_db()
+        return op.status in (OperationStatus.SUCCEEDED, OperationStatus.FAILED)
+
+    wait_for(done, timeout=timeout, what=f"{op} to finish")
+    assert op.status == OperationStatus.SUCCEEDED, f"{op}: {op.error}"
+    return op
+
+
+def ssh(key: Path, port: int, command: str, *, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            "ssh",
+            "-i",
+            str(key),
+            "-p",
+            str(port),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+            "student@127.0.0.1",
+            command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for_ssh(key: Path, port: int, *, timeout: float = 240) -> str:
+    def attempt():
+        try:
+            result = ssh(key, port, "hostname")
+        except subprocess.TimeoutExpired:
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    return wait_for(attempt, timeout=timeout, interval=2, what=f"SSH on 127.0.0.1:{port}")
+
+
+@pytest.fixture
+def group_keypair(tmp_path) -> tuple[Path, str]:
+    key = tmp_path / "group_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key, key.with_suffix(".pub").read_text()

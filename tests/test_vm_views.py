@@ -1,0 +1,150 @@
+"""VM pages and operation endpoints for the cast; another group's VM is a 404 everywhere."""
+
+import pytest
+from django.urls import reverse
+
+from labs.choices import GroupStatus, ObservedState
+from labs.models import Group, Host, Image, Operation, Vm, VmTemplate
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def approved(group_a, group_b, course):
+    Group.objects.filter(pk__in=[group_a.pk, group_b.pk]).update(status=GroupStatus.APPROVED)
+    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
+    VmTemplate.objects.create(course=course, image=image, quota_vms=2)
+    host = Host.objects.create(
+        name="h1",
+        uri="qemu:///system",
+        vcpus=8,
+        memory_mib=16384,
+        disk_gib=200,
+        ssh_address="lab.example.edu",
+    )
+
+    def vm_for(group, port):
+        return Vm.objects.create(
+            group=group,
+            name="vm1",
+            host=host,
+            image=image,
+            vcpus=1,
+            memory_mib=1024,
+            disk_gib=10,
+            ssh_port=port,
+            observed_state=ObservedState.RUNNING,
+        )
+
+    return vm_for(group_a, 22000), vm_for(group_b, 22001)
+
+
+def op_url(vm, kind):
+    return reverse("labs:vm_operation", args=[vm.pk, kind])
+
+
+def test_members_see_their_vm_state_and_exact_ssh_line(client_for, alice, bob, approved, group_a):
+    vm_a, _ = approved
+    for user in (alice, bob):
+        page = client_for(user).get(reverse("labs:group_detail", args=[group_a.pk])).content
+        text = page.decode()
+        assert "ssh -p 22000 student@lab.example.edu" in text
+        assert "Running" in text and "Take snapshot" in text
+
+
+def test_the_group_page_never_shows_another_groups_vm(client_for, alice, approved, group_a):
+    page = client_for(alice).get(reverse("labs:group_detail", args=[group_a.pk])).content
+    assert b"22001" not in page
+
+
+@pytest.mark.parametrize("kind", ["reboot", "stop", "force_off", "snapshot", "reset", "delete"])
+def test_a_member_queues_an_operation_with_a_post(client_for, bob, approved, kind):
+    vm_a, _ = approved
+    response = client_for(bob).post(op_url(vm_a, kind), {"name": "s1"}, follow=True)
+    op = Operation.objects.get(vm=vm_a)
+    assert (op.kind, op.status, op.requested_by) == (kind, "queued", bob)
+    assert "is queued" in response.content.decode()
+
+
+def test_operations_need_a_post(client_for, alice, approved):
+    vm_a, _ = approved
+    assert client_for(alice).get(op_url(vm_a, "reboot")).status_code == 405
+    assert not Operation.objects.exists()
+
+
+def test_operations_need_the_csrf_token(alice, approved):
+    from django.test import Client
+
+    vm_a, _ = approved
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    assert client.post(op_url(vm_a, "reboot")).status_code == 403
+    assert not Operation.objects.exists()
+
+
+@pytest.mark.parametrize("kind", ["reboot", "delete", "snapshot"])
+def test_another_groups_vm_is_a_404_on_every_endpoint(client_for, carol, approved, kind):
+    vm_a, _ = approved
+    assert client_for(carol).post(op_url(vm_a, kind)).status_code == 404
+    assert not Operation.objects.exists()
+
+
+def test_a_student_in_no_group_gets_a_404(client_for, dave, approved):
+    vm_a, _ = approved
+    assert client_for(dave).post(op_url(vm_a, "reboot")).status_code == 404
+
+
+def test_anonymous_is_sent_to_sign_in(client, approved):
+    vm_a, _ = approved
+    response = client.post(op_url(vm_a, "reboot"))
+    assert response.status_code == 302 and "/accounts/login/" in response["Location"]
+    assert not Operation.objects.exists()
+
+
+def test_the_instructor_can_operate_any_vm_of_the_course(client_for, ines, approved):
+    vm_a, _ = approved
+    client_for(ines).post(op_url(vm_a, "reboot"))
+    assert Operation.objects.get(vm=vm_a).requested_by == ines
+
+
+def test_unknown_operations_and_provision_are_404(client_for, alice, approved):
+    vm_a, _ = approved
+    client = client_for(alice)
+    assert client.post(op_url(vm_a, "provision")).status_code == 404
+    assert client.post(op_url(vm_a, "format-c")).status_code == 404
+
+
+def test_a_refused_operation_is_explained(client_for, alice, approved):
+    vm_a, _ = approved
+    response = client_for(alice).post(op_url(vm_a, "start"), follow=True)
+    assert "already running" in response.content.decode()
+    assert not Operation.objects.exists()
+
+
+def test_a_deleted_vm_is_gone_from_pages_and_endpoints(client_for, alice, approved, group_a):
+    vm_a, _ = approved
+    Vm.objects.filter(pk=vm_a.pk).update(desired_state="deleted", observed_state="deleted")
+    client = client_for(alice)
+    page = client.get(reverse("labs:group_detail", args=[group_a.pk])).content
+    assert b"22000" not in page
+    assert client.post(op_url(vm_a, "reboot")).status_code == 404
+
+
+def test_add_vm_is_scoped_to_members(client_for, carol, approved, group_a):
+    response = client_for(carol).post(reverse("labs:vm_add", args=[group_a.pk]))
+    assert response.status_code == 404
+    assert Vm.objects.filter(group=group_a).count() == 1
+
+
+def test_hostile_snapshot_and_group_names_stay_escaped(client_for, alice, approved, group_a):
+    vm_a, _ = approved
+    Operation.objects.create(
+        vm=vm_a,
+        kind="snapshot",
+        status="failed",
+        params={"name": "<script>x</script>"},
+        error="<img src=x onerror=alert(1)>",
+    )
+    page = client_for(alice).get(reverse("labs:group_detail", args=[group_a.pk])).content
+    assert b"<script>x" not in page and b"<img src=x" not in page
+    assert b"&lt;img src=x onerror=alert(1)&gt;" in page
