@@ -13,7 +13,7 @@ export STRATUS_IMAGE_DIR := $(IMAGE_DIR)
 
 .PHONY: run test lint format system-run system-test migrate demo serve image clean
 
-run: system-run $(VENV)/.run-deps migrate demo serve
+run: system-run $(VENV)/.run-deps image migrate demo serve
 
 test: system-test $(VENV)/.dev-deps lint image
 	$(PY) -m pytest
@@ -54,11 +54,12 @@ migrate:
 	$(PY) manage.py migrate --no-input
 
 demo:
-	$(PY) manage.py load_demo
+	$(PY) manage.py load_demo --image $(IMAGE_DIR)/debian-12.qcow2
 
+# web, worker and beat from the Procfile, in the foreground.
 serve:
-	@echo "Stratus is at http://$(HOST):$(PORT)/  (Ctrl-C stops it)"
-	$(PY) -m uvicorn portal.asgi:application --host $(HOST) --port $(PORT)
+	@echo "Stratus is at http://$(HOST):$(PORT)/  (Ctrl-C stops web, worker and beat)"
+	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
 
 clean:
 	rm -rf $(VENV) var
