@@ -6,6 +6,10 @@ Real libvirt (qemu:///system, TCG) with the project's base image; a throwaway SQ
 database; the worker's code path run in this process (claim → overlay → seed → define →
 start), so the figure is Stratus' own cost, excluding guest boot. Guests get 256 MiB and
 their own storage directory, and every VM is deleted at the end.
+
+Each guest is forced off once it is measured, so the next measurement does not compete
+with up to 20 TCG guests booting on the same cores; --keep-running leaves them running
+(the figure then includes that contention).
 """
 
 import argparse
@@ -25,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("n", nargs="?", type=int, default=20)
+    parser.add_argument("--keep-running", action="store_true")
     parser.add_argument(
         "--image",
         default=str(
@@ -53,12 +58,12 @@ def main() -> None:
 
         call_command("migrate", verbosity=0)
         try:
-            bench(args.n, Path(args.image), storage, tmp)
+            bench(args.n, Path(args.image), storage, tmp, keep_running=args.keep_running)
         finally:
             shutil.rmtree(storage, ignore_errors=True)
 
 
-def bench(n: int, image_path: Path, storage: Path, tmp: str) -> None:
+def bench(n: int, image_path: Path, storage: Path, tmp: str, *, keep_running: bool) -> None:
     from django.contrib.auth import get_user_model
 
     from labs.models import Course, Host, Image, Membership, Operation, VmTemplate
@@ -109,6 +114,9 @@ def bench(n: int, image_path: Path, storage: Path, tmp: str) -> None:
             if outcome.status != "succeeded":
                 raise SystemExit(f"provision failed: {outcome.error}")
             seconds.append(elapsed)
+            if not keep_running:
+                stop = vms.vm_operation_request(vm=op.vm, kind="force_off", by=staff)
+                vms.operation_run(operation_id=stop.pk, worker="bench/1", may_retry=False)
             label = "first VM (cold connection, pool)" if i == 0 else f"VM {i:2d}"
             print(f"{label:34s} approval → running {elapsed * 1000:7.0f} ms")
     finally:
