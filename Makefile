@@ -13,9 +13,9 @@ export STRATUS_IMAGE_DIR := $(IMAGE_DIR)
 
 .PHONY: run test lint format system-run system-test migrate demo serve image clean
 
-run: system-run $(VENV)/.run-deps image migrate demo serve
+run: system-run $(VENV)/.run-deps node_modules/.installed image migrate demo serve
 
-test: system-test $(VENV)/.dev-deps lint image
+test: system-test $(VENV)/.dev-deps node_modules/.installed lint image
 	$(PY) -m pytest
 
 system-run:
@@ -29,6 +29,11 @@ system-test:
 # The Debian 12 base image guests boot from (built once, then reused; docs/base-image.md).
 image: $(VENV)/.run-deps
 	$(PY) manage.py build_image debian-12 --dest $(IMAGE_DIR) --no-register
+
+# noVNC from the npm registry, pinned by package-lock.json; served as /static/novnc/.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
 
 $(VENV)/bin/python:
 	"$$(scripts/find-python.sh)" -m venv $(VENV)

@@ -77,6 +77,16 @@ class MembershipAdmin(CourseScopedAdmin):
     list_select_related = ["user", "course", "group"]
     autocomplete_fields = ["user", "group"]
 
+    def save_model(self, request, obj, form, change):
+        if change and "group" in form.changed_data:
+            # Group moves go through the service: it checks them and revokes consoles.
+            new_group = obj.group
+            obj.group_id = form.initial.get("group")
+            super().save_model(request, obj, form, change)
+            group_services.membership_group_set(membership=obj, group=new_group, by=request.user)
+        else:
+            super().save_model(request, obj, form, change)
+
     @admin.display(ordering="user__last_name")
     def full_name(self, obj):
         return obj.user.get_full_name()

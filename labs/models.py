@@ -278,6 +278,11 @@ class Vm(models.Model):
     )
     observed_at = models.DateTimeField(null=True, blank=True)
     status_message = models.CharField(max_length=300, blank=True)
+    # Where the running VM's VNC server listens, as its worker last saw it (loopback TCP
+    # on the host, or a unix socket); empty when it is not running.
+    vnc_host = models.CharField(max_length=255, blank=True)
+    vnc_port = models.PositiveIntegerField(null=True, blank=True)
+    vnc_socket = models.CharField(max_length=300, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -374,3 +379,24 @@ class Operation(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_OPERATION_STATUSES
+
+
+class ConsoleSession(models.Model):
+    """One browser console connection: who watched or drove which VM, when, how much."""
+
+    vm = models.ForeignKey(Vm, on_delete=models.CASCADE, related_name="console_sessions")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    view_only = models.BooleanField(default=False)
+    started_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    bytes_to_vm = models.BigIntegerField(default=0)
+    bytes_from_vm = models.BigIntegerField(default=0)
+    close_reason = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"console {self.vm} by {self.user} at {self.started_at:%Y-%m-%d %H:%M}"

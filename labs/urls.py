@@ -11,5 +11,7 @@ urlpatterns = [
     path("groups/<int:group_id>/edit/", views.group_edit, name="group_edit"),
     path("groups/<int:group_id>/key/", views.group_key, name="group_key"),
     path("groups/<int:group_id>/vms/add/", views.vm_add, name="vm_add"),
+    path("vms/<int:vm_id>/console/", views.vm_console, name="vm_console"),
+    path("vms/<int:vm_id>/console/ticket", views.vm_console_ticket, name="vm_console_ticket"),
     path("vms/<int:vm_id>/<slug:kind>/", views.vm_operation, name="vm_operation"),
 ]

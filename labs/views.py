@@ -1,13 +1,16 @@
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404
+from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
 from labs import selectors
-from labs.choices import GroupStatus, OperationKind, Role
+from labs.choices import GroupStatus, ObservedState, OperationKind, Role
 from labs.forms import GroupEditForm, GroupKeyForm, GroupSignupForm
+from labs.services import consoles
 from labs.services import groups as group_services
 from labs.services import vms as vm_services
 
@@ -154,3 +157,41 @@ def vm_operation(request, vm_id: int, kind: str):
     else:
         messages.success(request, f"{op.get_kind_display()} of {vm.name} is queued.")
     return redirect("labs:group_detail", group_id=vm.group_id)
+
+
+@login_required
+def vm_console(request, vm_id: int):
+    vm = selectors.vm_for_user(user=request.user, vm_id=vm_id)
+    is_staff = selectors.user_is_course_staff(user=request.user, course=vm.group.course)
+    return render(
+        request,
+        "labs/vm_console.html",
+        {
+            "vm": vm,
+            "can_observe": is_staff,
+            "view_only": is_staff and request.GET.get("mode") == "view",
+            "ticket_url": reverse("labs:vm_console_ticket", args=[vm.pk]),
+            "ws_path": f"/ws/vms/{vm.pk}/console/",
+            "subprotocol_prefix": consoles.SUBPROTOCOL_PREFIX,
+        },
+    )
+
+
+@login_required
+@require_POST
+def vm_console_ticket(request, vm_id: int):
+    """A single-use console ticket for this user, VM and browser session (JSON)."""
+    vm = selectors.vm_for_user(user=request.user, vm_id=vm_id)
+    if vm.observed_state != ObservedState.RUNNING:
+        return JsonResponse({"error": f"{vm.name} is not running."}, status=409)
+    view_only = request.POST.get("mode") == "view"
+    if view_only and not selectors.user_is_course_staff(user=request.user, course=vm.group.course):
+        view_only = False  # observe mode is for course staff; members always drive
+    token = consoles.ticket_issue(
+        user=request.user, vm=vm, session_key=request.session.session_key, view_only=view_only
+    )
+    response = JsonResponse(
+        {"ticket": token, "expires_in": settings.CONSOLE_TICKET_TTL, "view_only": view_only}
+    )
+    response["Cache-Control"] = "no-store"
+    return response

@@ -88,7 +88,26 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Channels' layer carries console revocations and live events from workers to the web
+# processes, so it is Redis (the in-memory layer would not cross processes).
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {
+            "hosts": [env_str("CHANNEL_LAYER_URL", REDIS_URL)],
+            # Separates deployments (and test runs) that share one Redis.
+            "prefix": env_str("CHANNEL_LAYER_PREFIX", "stratus"),
+        },
+    }
+}
+
+# Browser consoles (labs/services/consoles.py, labs/consumers.py).
+CONSOLE_TICKET_TTL = env_int("CONSOLE_TICKET_TTL", 30)  # seconds; at most 60
+CONSOLE_IDLE_TIMEOUT = env_int("CONSOLE_IDLE_TIMEOUT", 30 * 60)  # no input from the browser
+CONSOLE_MAX_SESSION = env_int("CONSOLE_MAX_SESSION", 8 * 3600)  # absolute limit
+CONSOLE_MAX_FRAME = env_int("CONSOLE_MAX_FRAME", 256 * 1024)  # bytes per websocket message
+if not 1 <= CONSOLE_TICKET_TTL <= 60:
+    raise ImproperlyConfigured("CONSOLE_TICKET_TTL must be between 1 and 60 seconds")
 
 # Celery. Operations are rows (labs.Operation); a task only carries the row's id.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
@@ -143,7 +162,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
-STATICFILES_DIRS = [BASE_DIR / "static"]
+# noVNC comes from the npm registry (package.json; `npm ci` puts it in node_modules/) and is
+# served as /static/novnc/..., never from a CDN and never copied into the repository.
+STATICFILES_DIRS = [BASE_DIR / "static", ("novnc", BASE_DIR / "node_modules" / "@novnc" / "novnc")]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {

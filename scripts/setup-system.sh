@@ -15,6 +15,9 @@ case $profile in
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
+# Node's npm installs noVNC (package.json); Debian's nodejs is enough when none is present.
+command -v npm >/dev/null || packages+=(nodejs npm)
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

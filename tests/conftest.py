@@ -8,8 +8,10 @@
 - anonymous: the test client without a login
 """
 
+import copy
 import itertools
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,14 @@ from django.contrib.auth import get_user_model
 from labs.choices import Role
 from labs.models import Course, Membership
 from labs.services.groups import group_register
+
+
+@pytest.fixture(autouse=True)
+def _private_channel_layer(settings):
+    """Console revocations of this test only: Redis is shared with other runs and demos."""
+    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
+    layers["default"]["CONFIG"]["prefix"] = f"stratus-test-{uuid.uuid4().hex}"
+    settings.CHANNEL_LAYERS = layers  # Channels drops its cached layer on this change
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from django.utils import timezone
 from labs.choices import GroupStatus, Role
 from labs.models import Course, Group, Membership
 from labs.selectors import user_is_course_staff
-from labs.services import mail, vms
+from labs.services import consoles, mail, vms
 from labs.services.keys import SshKeyInfo, sshkey_parse
 
 _USERNAME_SPLIT = re.compile(r"[\s,;]+")
@@ -225,6 +225,9 @@ def _review(*, group: Group, by: AbstractBaseUser, status: str, note: str) -> Gr
         if status == GroupStatus.APPROVED:
             # Machines for the group: placed now, provisioned by the workers after commit.
             vms.group_vms_create(group=locked, by=by)
+        else:
+            vm_ids = list(locked.vms.values_list("pk", flat=True))
+            transaction.on_commit(lambda: _revoke(vm_ids, "the group was rejected"))
         transaction.on_commit(lambda: mail.group_reviewed(group=locked))
     return locked
 
@@ -244,3 +247,42 @@ def group_reject(*, group: Group, by: AbstractBaseUser, note: str) -> Group:
     if not note.strip():
         raise ValidationError("Say why the group is rejected: its members will read it.")
     return _review(group=group, by=by, status=GroupStatus.REJECTED, note=note)
+
+
+def _revoke(vm_ids: list[int], reason: str, user_id: int | None = None) -> None:
+    for vm_id in vm_ids:
+        consoles.console_revoke(vm_id=vm_id, reason=reason, user_id=user_id)
+
+
+def membership_group_set(
+    *, membership: Membership, group: Group | None, by: AbstractBaseUser
+) -> Membership:
+    """Course staff move a student into a group, or out of one (``group=None``).
+
+    A student taken out of a group loses its consoles at once.
+    """
+    if not user_is_course_staff(user=by, course=membership.course):
+        raise PermissionDenied("Only the course's instructors and TAs change group members.")
+    with transaction.atomic():
+        locked = Membership.objects.select_for_update().get(pk=membership.pk)
+        old_group_id = locked.group_id
+        if group is not None:
+            if group.course_id != locked.course_id:
+                raise ValidationError("The group belongs to another course.")
+            if locked.role != Role.STUDENT:
+                raise ValidationError("Only students can be members of a group.")
+            size = Membership.objects.filter(group=group).exclude(pk=locked.pk).count()
+            if size + 1 > locked.course.max_group_size:
+                raise ValidationError(
+                    f"The group has {size} members; the course allows "
+                    f"{locked.course.max_group_size}."
+                )
+        locked.group = group
+        locked.save(update_fields=["group"])
+        if old_group_id is not None and old_group_id != locked.group_id:
+            vm_ids = list(Group.objects.get(pk=old_group_id).vms.values_list("pk", flat=True))
+            user_id = locked.user_id
+            transaction.on_commit(
+                lambda: _revoke(vm_ids, "you are no longer a member of the group", user_id)
+            )
+    return locked

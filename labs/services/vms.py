@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from labs.choices import DesiredState, ObservedState, OperationKind, OperationStatus
 from labs.models import Group, Host, Operation, Snapshot, Vm, VmTemplate
-from labs.services import cloudinit, hypervisor
+from labs.services import cloudinit, consoles, hypervisor
 from labs.services.hypervisor import HypervisorError, HypervisorUnavailable, VmSpec
 
 log = logging.getLogger(__name__)
@@ -361,6 +361,32 @@ def _failpoint(name: str) -> None:
             time.sleep(float(seconds))
 
 
+def _record_console(vm: Vm, hv: hypervisor.Hypervisor | None = None) -> None:
+    """Keep the running VM's VNC endpoint where the console proxy reads it (the DB).
+
+    A VM whose console cannot be read is still running: its console is just unavailable.
+    """
+    try:
+        endpoint = (hv or _hv(vm)).console(vm.domain_name)
+    except HypervisorUnavailable:
+        raise
+    except HypervisorError as error:
+        log.warning("no console endpoint for %s: %s", vm, error)
+        Vm.objects.filter(pk=vm.pk).update(vnc_host="", vnc_port=None, vnc_socket="")
+        return
+    Vm.objects.filter(pk=vm.pk).update(
+        vnc_host=endpoint.host if endpoint.kind == "tcp" else "",
+        vnc_port=endpoint.port if endpoint.kind == "tcp" else None,
+        vnc_socket=endpoint.path if endpoint.kind == "unix" else "",
+    )
+
+
+def _close_consoles(vm: Vm, reason: str) -> None:
+    """The VM is going away or changing under its consoles: end them, forget the endpoint."""
+    Vm.objects.filter(pk=vm.pk).update(vnc_host="", vnc_port=None, vnc_socket="")
+    consoles.console_revoke(vm_id=vm.pk, reason=reason)
+
+
 def _observe(vm: Vm, state: str, message: str | None = None) -> None:
     fields = {"observed_state": state, "observed_at": timezone.now()}
     if message is not None:
@@ -407,17 +433,22 @@ def _seed(vm: Vm) -> bytes:
 
 def _run_provision(op: Operation) -> None:
     vm = op.vm
-    _hv(vm).provision(_spec(vm), seed_iso=_seed(vm), progress=_progress(op))
+    hv = _hv(vm)
+    hv.provision(_spec(vm), seed_iso=_seed(vm), progress=_progress(op))
+    _record_console(vm, hv)
     _observe(vm, ObservedState.RUNNING, "")
 
 
 def _run_start(op: Operation) -> None:
-    _hv(op.vm).start(op.vm.domain_name)
+    hv = _hv(op.vm)
+    hv.start(op.vm.domain_name)
+    _record_console(op.vm, hv)
     Vm.objects.filter(pk=op.vm.pk).update(desired_state=DesiredState.RUNNING)
     _observe(op.vm, ObservedState.RUNNING, "")
 
 
 def _run_stop(op: Operation) -> None:
+    _close_consoles(op.vm, "the VM is shutting down")
     clean = _hv(op.vm).shutdown(op.vm.domain_name, timeout=settings.VM_SHUTDOWN_TIMEOUT)
     Vm.objects.filter(pk=op.vm.pk).update(desired_state=DesiredState.STOPPED)
     _observe(op.vm, ObservedState.SHUTOFF, "")
@@ -430,6 +461,7 @@ def _run_reboot(op: Operation) -> None:
 
 
 def _run_force_off(op: Operation) -> None:
+    _close_consoles(op.vm, "the VM was forced off")
     _hv(op.vm).force_off(op.vm.domain_name)
     Vm.objects.filter(pk=op.vm.pk).update(desired_state=DesiredState.STOPPED)
     _observe(op.vm, ObservedState.SHUTOFF, "")
@@ -446,8 +478,11 @@ def _run_snapshot(op: Operation) -> None:
 def _run_revert(op: Operation) -> None:
     vm = op.vm
     hv = _hv(vm)
+    _close_consoles(vm, "the VM is being reverted to a snapshot")
     hv.snapshot_revert(vm.domain_name, op.params["name"])
     state = _DOMAIN_STATES.get(hv.state(vm.domain_name), ObservedState.UNKNOWN)
+    if state == ObservedState.RUNNING:
+        _record_console(vm, hv)
     desired = DesiredState.RUNNING if state == ObservedState.RUNNING else DesiredState.STOPPED
     Vm.objects.filter(pk=vm.pk).update(desired_state=desired)
     _observe(vm, state, "")
@@ -462,7 +497,10 @@ def _run_reset(op: Operation) -> None:
     vm = op.vm
     vm.instance_id = uuid.uuid4().hex  # cloud-init runs again: keys, users, hostname
     Vm.objects.filter(pk=vm.pk).update(instance_id=vm.instance_id)
-    _hv(vm).reset(_spec(vm), seed_iso=_seed(vm))
+    _close_consoles(vm, "the VM is being reset to its baseline")
+    hv = _hv(vm)
+    hv.reset(_spec(vm), seed_iso=_seed(vm))
+    _record_console(vm, hv)
     Snapshot.objects.filter(vm=vm).delete()
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.RUNNING)
     _observe(vm, ObservedState.RUNNING, "")
@@ -470,6 +508,7 @@ def _run_reset(op: Operation) -> None:
 
 def _run_delete(op: Operation) -> None:
     vm = op.vm
+    _close_consoles(vm, "the VM is being deleted")
     _hv(vm).delete(_spec(vm))
     Snapshot.objects.filter(vm=vm).delete()
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
@@ -555,6 +594,8 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
         message = None
         if state == ObservedState.MISSING:
             message = "The VM is missing on its host; an instructor can reset it."
+        if state != ObservedState.RUNNING and vm.observed_state == ObservedState.RUNNING:
+            _close_consoles(vm, f"the VM is {state}")
         _observe(vm, state, message)
         if vm.desired_state == DesiredState.RUNNING and state in (
             ObservedState.SHUTOFF,

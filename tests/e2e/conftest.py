@@ -18,7 +18,7 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _sync_orm_beside_playwright():
     """Playwright's sync API runs an event loop in this thread; the ORM calls the tests
     (and the live server's database set-up) make between browser steps are still plain
@@ -28,7 +28,9 @@ def _sync_orm_beside_playwright():
         yield
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running in this thread until it
+# stops, and the async tests of other modules need the thread without one.
+@pytest.fixture(scope="module")
 def browser(_sync_orm_beside_playwright):
     if not shutil.which(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: run `make test`, which installs Debian's chromium")

@@ -91,6 +91,7 @@ class Worker:
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "portal.settings",
             "STRATUS_DOMAIN_PREFIX": PREFIX,
+            "CHANNEL_LAYER_PREFIX": f"stratus-test{RUN}",
             **self.extra_env,
             **env,
         }
@@ -258,3 +259,66 @@ def group_keypair(tmp_path) -> tuple[Path, str]:
     key = tmp_path / "group_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     return key, key.with_suffix(".pub").read_text()
+
+
+class AsgiServer:
+    """The project's ASGI server (uvicorn, as in the Procfile) on this run's database."""
+
+    def __init__(self, extra_env: dict[str, str]):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = ROOT / "test-artifacts" / f"asgi-{RUN}.log"
+        self.log.parent.mkdir(exist_ok=True)
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "portal.settings",
+            "STRATUS_DOMAIN_PREFIX": PREFIX,
+            "ALLOWED_HOSTS": "127.0.0.1",
+            "CHANNEL_LAYER_PREFIX": f"stratus-test{RUN}",
+            **extra_env,
+        }
+        env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "portal.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(
+            lambda: b"Uvicorn running" in self.log.read_bytes() or self.proc.poll(),
+            timeout=30,
+            what="uvicorn to start",
+        )
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def asgi_server(transactional_db):
+    server = AsgiServer(_db_env())
+    yield server
+    server.stop()

@@ -241,3 +241,76 @@ def test_only_the_courses_staff_review(group_a, alice, make_student):
             group_approve(group=group_a, by=user)
     group_a.refresh_from_db()
     assert group_a.status == GroupStatus.PENDING
+
+
+# --- membership changes and console revocation ---------------------------------------------
+
+
+def listen_for_revocations(vm_ids, action):
+    """Run ``action`` (sync) while subscribed to the VMs' console groups; return messages."""
+    import asyncio
+
+    from asgiref.sync import async_to_sync, sync_to_async
+    from channels.layers import get_channel_layer
+
+    from labs.services.consoles import vm_group
+
+    async def run():
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        for vm_id in vm_ids:
+            await layer.group_add(vm_group(vm_id), channel)
+        await sync_to_async(action)()
+        received = []
+        try:
+            while True:
+                received.append(await asyncio.wait_for(layer.receive(channel), timeout=1))
+        except TimeoutError:
+            pass
+        for vm_id in vm_ids:
+            await layer.group_discard(vm_group(vm_id), channel)
+        return received
+
+    return async_to_sync(run)()
+
+
+@pytest.fixture
+def vm_of_a(group_a, course):
+    from labs.models import Image, Vm
+
+    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
+    return Vm.objects.create(
+        group=group_a, name="vm1", image=image, vcpus=1, memory_mib=1024, disk_gib=10
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_removing_a_member_revokes_only_their_consoles(group_a, vm_of_a, bob, ines):
+    from labs.services.groups import membership_group_set
+
+    membership = Membership.objects.get(user=bob)
+    messages = listen_for_revocations(
+        [vm_of_a.pk], lambda: membership_group_set(membership=membership, group=None, by=ines)
+    )
+    assert [(m["type"], m["user_id"]) for m in messages] == [("console.revoke", bob.pk)]
+    assert Membership.objects.get(user=bob).group is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rejecting_a_group_revokes_every_console_of_its_vms(group_a, vm_of_a, ines):
+    messages = listen_for_revocations(
+        [vm_of_a.pk], lambda: group_reject(group=group_a, by=ines, note="Off topic.")
+    )
+    assert [(m["type"], m["user_id"]) for m in messages] == [("console.revoke", None)]
+
+
+def test_staff_move_students_between_groups_within_the_rules(group_a, group_b, bob, ines, alice):
+    from labs.services.groups import membership_group_set
+
+    membership = Membership.objects.get(user=bob)
+    membership_group_set(membership=membership, group=group_b, by=ines)
+    assert Membership.objects.get(user=bob).group == group_b
+    with pytest.raises(PermissionDenied):
+        membership_group_set(membership=membership, group=None, by=alice)
+    with pytest.raises(ValidationError, match="Only students"):
+        membership_group_set(membership=Membership.objects.get(user=ines), group=group_a, by=ines)

@@ -1,0 +1,7 @@
+from django.urls import path
+
+from labs.consumers import ConsoleConsumer
+
+websocket_urlpatterns = [
+    path("ws/vms/<int:vm_id>/console/", ConsoleConsumer.as_asgi()),
+]
