@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from labs.choices import DesiredState, ObservedState, OperationKind, OperationStatus
 from labs.models import Group, Host, Operation, Snapshot, Vm, VmTemplate
+from labs.selectors import user_is_course_staff
 from labs.services import cloudinit, consoles, hypervisor
 from labs.services.hypervisor import HypervisorError, HypervisorUnavailable, VmSpec
 
@@ -220,7 +221,13 @@ def vm_operation_request(
     """Ask for one operation on a VM; refused clearly if it makes no sense right now."""
     if kind not in OperationKind.values or kind == OperationKind.PROVISION:
         raise ValidationError("Unknown operation.")
-    vm = Vm.objects.select_related("host").get(pk=vm.pk)
+    vm = Vm.objects.select_related("host", "group__course").get(pk=vm.pk)
+    if (
+        vm.group.status != "approved"
+        and by is not None
+        and not user_is_course_staff(user=by, course=vm.group.course)
+    ):
+        raise ValidationError("The group is not approved; ask your instructor.")
     if vm.desired_state == DesiredState.DELETED:
         raise ValidationError(f"{vm.name} is deleted.")
     if vm.host_id is None or vm.observed_state == ObservedState.NEW:

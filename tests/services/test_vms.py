@@ -363,3 +363,15 @@ def test_reconcile_finds_a_vanished_domain_missing_and_restarts_a_stopped_one(
     assert run(restart).status == "succeeded"
     vm.refresh_from_db()
     assert vm.observed_state == ObservedState.RUNNING
+
+
+def test_members_of_a_group_rejected_after_approval_cannot_operate_its_vms(
+    running_vm, group_a, alice, ines
+):
+    from labs.services.groups import group_reject
+
+    group_reject(group=group_a, by=ines, note="Plagiarised proposal.")
+    with pytest.raises(ValidationError, match="not approved"):
+        vms.vm_operation_request(vm=running_vm, kind=OperationKind.STOP, by=alice)
+    op = vms.vm_operation_request(vm=running_vm, kind=OperationKind.STOP, by=ines)
+    assert op.requested_by == ines
