@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from django.contrib.auth import get_user_model
 
-from labs.choices import Role
-from labs.models import Course, Membership
+from labs.choices import GroupStatus, ObservedState, Role
+from labs.models import Course, Group, Host, Image, Membership, Vm
 from labs.services.groups import group_register
 
 
@@ -132,3 +132,36 @@ def client_for(client):
         return client
 
     return login
+
+
+@pytest.fixture
+def make_vm(db):
+    """Make a VM row of a group (approving the group) on host h1, running by default.
+
+    No hypervisor is involved: for pages, consumers and services that only read the row.
+    """
+
+    def make(group: Group, *, name: str = "vm1", **fields) -> Vm:
+        Group.objects.filter(pk=group.pk).update(status=GroupStatus.APPROVED)
+        group.status = GroupStatus.APPROVED
+        image, _ = Image.objects.get_or_create(
+            name="deb", defaults={"os": "Debian 12", "path": "/srv/base.qcow2"}
+        )
+        host, _ = Host.objects.get_or_create(
+            name="h1",
+            defaults={"uri": "qemu:///system", "vcpus": 8, "memory_mib": 16384, "disk_gib": 200},
+        )
+        values = {
+            "group": group,
+            "name": name,
+            "host": host,
+            "image": image,
+            "vcpus": 1,
+            "memory_mib": 1024,
+            "disk_gib": 10,
+            "observed_state": ObservedState.RUNNING,
+            **fields,
+        }
+        return Vm.objects.create(**values)
+
+    return make

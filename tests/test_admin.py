@@ -132,25 +132,14 @@ def test_a_superuser_sees_everything(client, group_a):
 
 
 @pytest.fixture
-def vm_of_a(group_a, course):
-    from labs.models import Host, Image, Vm, VmTemplate
+def vm_of_a(group_a, course, make_vm):
+    from labs.models import VmTemplate
 
-    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
-    VmTemplate.objects.create(course=course, image=image)
-    host = Host.objects.create(
-        name="h1", uri="qemu:///system", vcpus=4, memory_mib=8192, disk_gib=100
+    vm = make_vm(
+        group_a, ssh_port=22000, status_message="Waiting: no host has room for it right now."
     )
-    return Vm.objects.create(
-        group=group_a,
-        name="vm1",
-        host=host,
-        image=image,
-        vcpus=1,
-        memory_mib=1024,
-        disk_gib=10,
-        ssh_port=22000,
-        status_message="Waiting: no host has room for it right now.",
-    )
+    VmTemplate.objects.create(course=course, image=vm.image)
+    return vm
 
 
 def test_the_instructor_sees_why_a_vm_waits(client_for, ines, vm_of_a):

@@ -18,38 +18,20 @@ from django.templatetags.static import static
 from django.test import Client
 from django.urls import reverse
 
-from labs.choices import GroupStatus, ObservedState
-from labs.models import Group, Host, Image, Vm
+from labs.choices import ObservedState
+from labs.models import Vm
 from labs.services import consoles
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def vms(group_a, group_b, course):
+def vms(group_a, group_b, make_vm):
     """A running VM for group A and one for group B (both groups approved)."""
-    Group.objects.filter(pk__in=[group_a.pk, group_b.pk]).update(status=GroupStatus.APPROVED)
-    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
-    host = Host.objects.create(
-        name="h1", uri="qemu:///system", vcpus=8, memory_mib=16384, disk_gib=200
+    return (
+        make_vm(group_a, ssh_port=22000, vnc_host="127.0.0.1", vnc_port=5900),
+        make_vm(group_b, ssh_port=22001, vnc_host="127.0.0.1", vnc_port=5901),
     )
-
-    def vm_for(group, ssh_port, vnc_port):
-        return Vm.objects.create(
-            group=group,
-            name="vm1",
-            host=host,
-            image=image,
-            vcpus=1,
-            memory_mib=1024,
-            disk_gib=10,
-            ssh_port=ssh_port,
-            observed_state=ObservedState.RUNNING,
-            vnc_host="127.0.0.1",
-            vnc_port=vnc_port,
-        )
-
-    return vm_for(group_a, 22000, 5900), vm_for(group_b, 22001, 5901)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from django.contrib.sessions.models import Session
 from django.test import Client
 
 from labs.choices import DesiredState, GroupStatus, ObservedState
-from labs.models import ConsoleSession, Group, Host, Image, Membership, Vm
+from labs.models import ConsoleSession, Group, Membership, Vm
 from labs.services import consoles
 from portal.asgi import application
 
@@ -155,29 +155,12 @@ class Cast:
 
 
 @pytest.fixture
-def cast(course, group_a, group_b, alice, bob, carol, dave, ines) -> Cast:
-    Group.objects.filter(pk__in=[group_a.pk, group_b.pk]).update(status=GroupStatus.APPROVED)
-    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
-    host = Host.objects.create(
-        name="h1", uri="qemu:///system", vcpus=8, memory_mib=16384, disk_gib=200
-    )
-
-    def vm(group, name, port):
-        return Vm.objects.create(
-            group=group,
-            name=name,
-            host=host,
-            image=image,
-            vcpus=1,
-            memory_mib=1024,
-            disk_gib=10,
-            ssh_port=port,
-            observed_state=ObservedState.RUNNING,
-        )
-
+def cast(course, group_a, group_b, alice, bob, carol, dave, ines, make_vm) -> Cast:
     return Cast(
         alice, bob, carol, dave, ines,
-        vm(group_a, "vm1", 22000), vm(group_a, "vm2", 22001), vm(group_b, "vm1", 22002),
+        make_vm(group_a, name="vm1", ssh_port=22000),
+        make_vm(group_a, name="vm2", ssh_port=22001),
+        make_vm(group_b, name="vm1", ssh_port=22002),
     )  # fmt: skip
 
 

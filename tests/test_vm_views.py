@@ -3,40 +3,19 @@
 import pytest
 from django.urls import reverse
 
-from labs.choices import GroupStatus, ObservedState
-from labs.models import Group, Host, Image, Operation, Vm, VmTemplate
+from labs.models import Host, Image, Operation, Vm, VmTemplate
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def approved(group_a, group_b, course):
-    Group.objects.filter(pk__in=[group_a.pk, group_b.pk]).update(status=GroupStatus.APPROVED)
-    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
-    VmTemplate.objects.create(course=course, image=image, quota_vms=2)
-    host = Host.objects.create(
-        name="h1",
-        uri="qemu:///system",
-        vcpus=8,
-        memory_mib=16384,
-        disk_gib=200,
-        ssh_address="lab.example.edu",
-    )
-
-    def vm_for(group, port):
-        return Vm.objects.create(
-            group=group,
-            name="vm1",
-            host=host,
-            image=image,
-            vcpus=1,
-            memory_mib=1024,
-            disk_gib=10,
-            ssh_port=port,
-            observed_state=ObservedState.RUNNING,
-        )
-
-    return vm_for(group_a, 22000), vm_for(group_b, 22001)
+def approved(group_a, group_b, course, make_vm):
+    vm_a = make_vm(group_a, ssh_port=22000)
+    vm_b = make_vm(group_b, ssh_port=22001)
+    Host.objects.filter(pk=vm_a.host_id).update(ssh_address="lab.example.edu")
+    Image.objects.filter(pk=vm_a.image_id).update(login_user="student")
+    VmTemplate.objects.create(course=course, image=vm_a.image, quota_vms=2)
+    return vm_a, vm_b
 
 
 def op_url(vm, kind):

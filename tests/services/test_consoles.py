@@ -12,7 +12,7 @@ from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 
 from labs.choices import DesiredState, GroupStatus, ObservedState
-from labs.models import ConsoleSession, Group, Host, Image, Membership, Vm
+from labs.models import ConsoleSession, Group, Host, Membership, Vm
 from labs.services import consoles
 from labs.services.console_access import (
     ConsoleDenied,
@@ -24,24 +24,9 @@ from labs.services.console_access import (
 
 
 @pytest.fixture
-def vm_a(group_a, group_b) -> Vm:
-    Group.objects.filter(pk__in=[group_a.pk, group_b.pk]).update(status=GroupStatus.APPROVED)
-    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
-    host = Host.objects.create(
-        name="h1", uri="qemu:///system", vcpus=8, memory_mib=8192, disk_gib=99
-    )
-    return Vm.objects.create(
-        group=group_a,
-        name="vm1",
-        host=host,
-        image=image,
-        vcpus=1,
-        memory_mib=1024,
-        disk_gib=10,
-        observed_state=ObservedState.RUNNING,
-        vnc_host="127.0.0.1",
-        vnc_port=5901,
-    )
+def vm_a(group_a, group_b, make_vm) -> Vm:
+    make_vm(group_b, name="other")  # group B approved too
+    return make_vm(group_a, vnc_host="127.0.0.1", vnc_port=5901)
 
 
 def _stored(token: str) -> tuple[bytes | None, int]:

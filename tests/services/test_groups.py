@@ -275,13 +275,8 @@ def listen_for_revocations(vm_ids, action):
 
 
 @pytest.fixture
-def vm_of_a(group_a, course):
-    from labs.models import Image, Vm
-
-    image = Image.objects.create(name="deb", os="Debian 12", path="/srv/base.qcow2")
-    return Vm.objects.create(
-        group=group_a, name="vm1", image=image, vcpus=1, memory_mib=1024, disk_gib=10
-    )
+def vm_of_a(group_a, make_vm):
+    return make_vm(group_a)
 
 
 @pytest.mark.django_db(transaction=True)
