@@ -114,13 +114,19 @@ def live_xml(host, name: str) -> ET.Element:
     return parse(host.conn.lookupByName(name).XMLDesc(0))
 
 
-def define_raw(host, name: str, graphics: str) -> None:
-    """A domain with hand-written graphics (the test driver leaves autoport at -1)."""
-    host.conn.defineXML(
-        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>128</memory>"
-        "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
-        f"<devices>{graphics}</devices></domain>"
-    )
+def define_raw(host, name: str, graphics: dict[str, str] | None = None) -> None:
+    """A domain not made by the adapter, with the given VNC graphics attributes (the test
+    driver leaves autoport at -1, so tests that need a port give it here)."""
+    domain = ET.Element("domain", type="qemu")
+    ET.SubElement(domain, "name").text = name
+    ET.SubElement(domain, "memory", unit="MiB").text = "128"
+    ET.SubElement(ET.SubElement(domain, "os"), "type", arch="x86_64", machine="pc").text = "hvm"
+    devices = ET.SubElement(domain, "devices")
+    if graphics is not None:
+        listen = graphics.pop("listen_element")
+        element = ET.SubElement(devices, "graphics", type="vnc", **graphics)
+        ET.SubElement(element, "listen", **listen)
+    host.conn.defineXML(ET.tostring(domain, encoding="unicode"))
 
 
 # --- domain XML ------------------------------------------------------------------------------
@@ -391,7 +397,7 @@ def test_states_reports_every_stratus_vm_by_uuid_and_ignores_other_domains(host,
     host.hv.provision(first, seed_iso=seed())
     host.hv.provision(second, seed_iso=seed())
     host.hv.force_off(second.name)
-    define_raw(host, "mail-server", "")
+    define_raw(host, "mail-server")
 
     assert host.hv.states() == {
         first.uuid: DomainState(first.uuid, "stratus-vm-1", "running"),
@@ -596,8 +602,12 @@ def test_console_reads_the_vnc_port_from_the_live_xml(host):
     define_raw(
         host,
         "stratus-vm-9",
-        "<graphics type='vnc' port='5907' autoport='no' listen='127.0.0.1'>"
-        "<listen type='address' address='127.0.0.1'/></graphics>",
+        {
+            "port": "5907",
+            "autoport": "no",
+            "listen": "127.0.0.1",
+            "listen_element": {"type": "address", "address": "127.0.0.1"},
+        },
     )
     host.hv.start("stratus-vm-9")
 
@@ -609,7 +619,7 @@ def test_console_reads_a_unix_socket_from_the_live_xml(host):
     define_raw(
         host,
         "stratus-vm-9",
-        f"<graphics type='vnc' socket='{sock}'><listen type='socket' socket='{sock}'/></graphics>",
+        {"socket": sock, "listen_element": {"type": "socket", "socket": sock}},
     )
     host.hv.start("stratus-vm-9")
 
