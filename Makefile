@@ -15,8 +15,18 @@ export STRATUS_IMAGE_DIR := $(IMAGE_DIR)
 
 run: system-run $(VENV)/.run-deps node_modules/.installed image migrate demo serve
 
+# The suite runs on SQLite, then again on PostgreSQL when a server answers on 127.0.0.1:5432
+# (as on CI); PG_TEST_URL names the database (pytest-django creates test_<name>).
+PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/stratus
+
 test: system-test $(VENV)/.dev-deps node_modules/.installed lint image
 	$(PY) -m pytest
+	@if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then \
+	  echo "== the same suite on PostgreSQL ($(PG_TEST_URL))"; \
+	  DATABASE_URL=$(PG_TEST_URL) $(PY) -m pytest; \
+	else \
+	  echo "No PostgreSQL on 127.0.0.1:5432: the PostgreSQL pass is skipped."; \
+	fi
 
 system-run:
 	@scripts/setup-system.sh run

@@ -165,3 +165,19 @@ def make_vm(db):
         return Vm.objects.create(**values)
 
     return make
+
+
+def child_db_env() -> dict[str, str]:
+    """Environment for a child process (manage.py, a worker, a server) to use the database
+    this test run uses: the SQLite test file, or the PostgreSQL test database."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"].endswith("sqlite3"):
+        return {"SQLITE_PATH": str(db["NAME"]), "DATABASE_URL": ""}
+    return {
+        "DATABASE_URL": (
+            f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST'] or '127.0.0.1'}:"
+            f"{db['PORT'] or 5432}/{db['NAME']}"
+        )
+    }

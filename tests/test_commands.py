@@ -11,10 +11,10 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import mail
 from django.core.management import CommandError, call_command
-from django.db import connection
 
 from labs.choices import Role
 from labs.models import Course, Membership
+from tests.conftest import child_db_env
 
 User = get_user_model()
 
@@ -225,7 +225,7 @@ def manage(*args: str) -> subprocess.CompletedProcess:
         if key not in {"DATABASE_URL", "SECRET_KEY"}
     }
     env.update(
-        SQLITE_PATH=str(connection.settings_dict["NAME"]),
+        **child_db_env(),
         EMAIL_BACKEND="django.core.mail.backends.locmem.EmailBackend",
         PYTHONWARNINGS="ignore",
     )

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -26,6 +25,7 @@ from labs.consumers import CLOSE_REVOKED
 from labs.models import ConsoleSession, Group, Host, Image, Vm
 from labs.services import consoles
 from labs.services.console_proxy import ticket_consume, ticket_from_protocols
+from tests.conftest import child_db_env
 
 BASE_DIR = Path(__file__).resolve().parents[1]
 ORIGIN = settings.SITE_URL
@@ -112,13 +112,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def proxy(django_db_setup, tmp_path_factory):
     """`manage.py console_proxy` for host h1 on a free loopback port; stopped by its PID."""
-    if connection.vendor != "sqlite":
-        pytest.skip("the proxy process reads the test database through SQLITE_PATH")
     port = _free_port()
     log = tmp_path_factory.mktemp("proxy") / "proxy.log"
     env = {
         **os.environ,
-        "SQLITE_PATH": str(connection.settings_dict["NAME"]),
+        **child_db_env(),
         "SECRET_KEY": settings.SECRET_KEY,
         "REDIS_URL": settings.REDIS_URL,
         "SITE_URL": ORIGIN,

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.db import connection
 
 from labs.choices import OperationStatus
 from labs.models import Host, Image, Operation, VmTemplate
+from tests.conftest import child_db_env
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = secrets.token_hex(3)
@@ -151,15 +151,7 @@ class Worker:
 
 
 def _db_env() -> dict[str, str]:
-    db = settings.DATABASES["default"]
-    if db["ENGINE"].endswith("sqlite3"):
-        return {"SQLITE_PATH": str(db["NAME"])}
-    return {
-        "DATABASE_URL": (
-            f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST'] or '127.0.0.1'}:"
-            f"{db['PORT'] or 5432}/{db['NAME']}"
-        )
-    }
+    return child_db_env()
 
 
 @pytest.fixture
