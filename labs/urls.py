@@ -6,6 +6,7 @@ app_name = "labs"
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("healthz", views.healthz, name="healthz"),
     path("courses/<slug:slug>/signup/", views.group_signup, name="group_signup"),
     path("groups/<int:group_id>/", views.group_detail, name="group_detail"),
     path("groups/<int:group_id>/edit/", views.group_edit, name="group_edit"),

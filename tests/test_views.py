@@ -271,3 +271,8 @@ def test_an_approved_group_shows_no_edit_forms_and_refuses_edits(client_for, ali
     assert b"approved" in response.content
     group_a.refresh_from_db()
     assert group_a.status == GroupStatus.APPROVED and group_a.project_idea != "late change"
+
+
+def test_healthz_answers_without_a_login_and_says_nothing_else(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.content == b"ok\n"
