@@ -60,7 +60,22 @@ def main() -> None:
         try:
             bench(args.n, Path(args.image), storage, tmp, keep_running=args.keep_running)
         finally:
+            forget_pool(storage)
             shutil.rmtree(storage, ignore_errors=True)
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", *args], capture_output=True, text=True
+    ).stdout
+
+
+def forget_pool(path: Path) -> None:
+    """The adapter made a libvirt pool for the bench's storage directory: remove it."""
+    for pool in virsh("pool-list", "--all", "--name").split():
+        if f"<path>{path}</path>" in virsh("pool-dumpxml", pool):
+            virsh("pool-destroy", pool)
+            virsh("pool-undefine", pool)
 
 
 def bench(n: int, image_path: Path, storage: Path, tmp: str, *, keep_running: bool) -> None:
