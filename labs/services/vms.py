@@ -329,8 +329,9 @@ def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutc
 def operations_recover(*, worker_prefix: str, alive_worker: str) -> list[int]:
     """Re-queue operations a killed worker left ``running`` (called when a worker starts).
 
-    ``worker_prefix`` names this worker node; any operation it had claimed under another
-    process id cannot still be running. Returns the ids to enqueue again.
+    ``worker_prefix`` names this worker node and ``alive_worker`` its current start (node
+    plus a per-start id, shared by the pool's children): an operation the node claimed
+    under an earlier start cannot still be running. Returns the ids to enqueue again.
     """
     orphaned = list(
         Operation.objects.filter(status=OperationStatus.RUNNING, worker__startswith=worker_prefix)
