@@ -22,6 +22,18 @@ from labs.models import Course, Group, Host, Image, Membership, Vm
 from labs.services.groups import group_register
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_the_async_tests_connection(django_db_setup):
+    """Async tests reach the ORM through asgiref's one sync thread, whose connection would
+    outlive the run and keep PostgreSQL from dropping the test database (this fixture is
+    torn down before django_db_setup, which it depends on)."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
+
+
 @pytest.fixture(autouse=True)
 def _private_channel_layer(settings):
     """Console revocations of this test only: Redis is shared with other runs and demos."""
