@@ -97,8 +97,8 @@ def bench(n: int, image_path: Path, storage: Path, tmp: str, *, keep_running: bo
         disk_gib=1000,
         virt_type="qemu",
         storage_dir=str(storage),
-        ssh_port_min=43000,
-        ssh_port_max=43999,
+        ssh_port_min=25000,
+        ssh_port_max=25999,
     )
     staff = User.objects.create_user("staff", is_superuser=True)
     vm_ids, seconds = [], []

@@ -172,8 +172,10 @@ def qemu_host(transactional_db, storage_dir) -> Host:
         disk_gib=100,
         virt_type="qemu",
         network_mode="user",
-        ssh_port_min=42200,
-        ssh_port_max=42299,
+        # Below Linux's ephemeral range (32768-60999): a client socket that happened to get
+        # a port there would keep QEMU from binding its forward to it.
+        ssh_port_min=24200,
+        ssh_port_max=24299,
         storage_dir=str(storage_dir),
     )
 

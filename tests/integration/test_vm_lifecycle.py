@@ -51,7 +51,7 @@ def test_approve_ssh_snapshot_revert_reset_delete(
     wait_operation(provision, timeout=120)
     vm.refresh_from_db()
     assert vm.observed_state == ObservedState.RUNNING
-    assert vm.host == qemu_host and vm.ssh_port == 42200
+    assert vm.host == qemu_host and vm.ssh_port == 24200
     assert virsh("domstate", vm.domain_name).stdout.strip() == "running"
 
     # The group's key logs in over the forwarded port; cloud-init set the hostname.
@@ -74,7 +74,7 @@ def test_approve_ssh_snapshot_revert_reset_delete(
     # Reset to baseline: a fresh disk (the marker is gone), same port, snapshots gone.
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.RESET, by=alice), timeout=180)
     vm.refresh_from_db()
-    assert vm.ssh_port == 42200 and not vm.snapshots.exists()
+    assert vm.ssh_port == 24200 and not vm.snapshots.exists()
     wait_for_ssh(key, vm.ssh_port)
     assert ssh(key, vm.ssh_port, "test -e marker; echo $?").stdout.strip() == "1"
 
