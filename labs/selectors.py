@@ -8,7 +8,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Prefetch, Q, QuerySet
 from django.http import Http404
 
-from labs.choices import STAFF_ROLES, DesiredState, Role
+from labs.choices import ACTIVE_OPERATION_STATUSES, STAFF_ROLES, DesiredState, Role
 from labs.models import Course, Group, Membership, Operation, Vm
 
 
@@ -107,15 +107,20 @@ def vm_for_user(*, user: AbstractBaseUser, vm_id: int) -> Vm:
 
 
 def vms_of_group(*, group: Group) -> list[Vm]:
-    """The group's live VMs with snapshots and their latest operations, for its page."""
-    recent = Prefetch(
+    """The group's live VMs with snapshots and the operation in progress (if any).
+
+    ``vm.active_operations`` holds at most one row (a database constraint), so the page
+    never loads a VM's whole history for it.
+    """
+    active = Prefetch(
         "operations",
-        queryset=Operation.objects.select_related("requested_by").order_by("-created_at"),
+        queryset=Operation.objects.filter(status__in=ACTIVE_OPERATION_STATUSES),
+        to_attr="active_operations",
     )
     return list(
         group.vms.exclude(desired_state=DesiredState.DELETED)
         .select_related("host", "image")
-        .prefetch_related("snapshots", recent)
+        .prefetch_related("snapshots", active)
         .order_by("name")
     )
 

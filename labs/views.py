@@ -85,7 +85,7 @@ def group_edit(request, group_id: int):
         initial={"project_title": group.project_title, "project_idea": group.project_idea},
     )
     if request.method == "POST" and form.is_valid():
-        was_rejected = group.status == "rejected"
+        was_rejected = group.status == GroupStatus.REJECTED
         try:
             group_services.group_update(
                 group=group,
@@ -109,7 +109,7 @@ def group_key(request, group_id: int):
     group = selectors.group_for_member(user=request.user, group_id=group_id)
     form = GroupKeyForm(request.POST)
     if form.is_valid():
-        was_rejected = group.status == "rejected"
+        was_rejected = group.status == GroupStatus.REJECTED
         try:
             group_services.group_key_replace(
                 group=group, by=request.user, ssh_public_key=form.cleaned_data["ssh_public_key"]

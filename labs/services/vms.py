@@ -18,7 +18,14 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
-from labs.choices import DesiredState, ObservedState, OperationKind, OperationStatus
+from labs.choices import (
+    ACTIVE_OPERATION_STATUSES,
+    DesiredState,
+    GroupStatus,
+    ObservedState,
+    OperationKind,
+    OperationStatus,
+)
 from labs.models import Group, Host, Operation, Snapshot, Vm, VmTemplate
 from labs.selectors import user_is_course_staff
 from labs.services import cloudinit, consoles, hypervisor
@@ -161,7 +168,7 @@ def vm_create(*, group: Group, by: AbstractBaseUser) -> Vm:
     """A member adds one more VM, within the group's quota."""
     with transaction.atomic():
         group = Group.objects.select_for_update().get(pk=group.pk)
-        if group.status != "approved":
+        if group.status != GroupStatus.APPROVED:
             raise ValidationError("Only approved groups have VMs.")
         template = _template(group)
         if template is None:
@@ -204,7 +211,7 @@ def _operation_new(
         with transaction.atomic():
             op = Operation.objects.create(vm=vm, kind=kind, requested_by=by, params=params or {})
     except IntegrityError:
-        active = vm.operations.filter(status__in=["queued", "running"]).first()
+        active = vm.operations.filter(status__in=ACTIVE_OPERATION_STATUSES).first()
         what = active.get_kind_display().lower() if active else "another operation"
         raise ValidationError(
             f"{vm.name} is busy ({what} in progress); try again when it has finished.",
@@ -223,7 +230,7 @@ def vm_operation_request(
         raise ValidationError("Unknown operation.")
     vm = Vm.objects.select_related("host", "group__course").get(pk=vm.pk)
     if (
-        vm.group.status != "approved"
+        vm.group.status != GroupStatus.APPROVED
         and by is not None
         and not user_is_course_staff(user=by, course=vm.group.course)
     ):
@@ -586,7 +593,7 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
         return report
     Host.objects.filter(pk=host.pk).update(last_seen_at=timezone.now(), last_error="")
     busy = set(
-        Operation.objects.filter(vm__in=vms, status__in=["queued", "running"]).values_list(
+        Operation.objects.filter(vm__in=vms, status__in=ACTIVE_OPERATION_STATUSES).values_list(
             "vm_id", flat=True
         )
     )

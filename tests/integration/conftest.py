@@ -316,3 +316,23 @@ def asgi_server(transactional_db):
     server = AsgiServer(_db_env())
     yield server
     server.stop()
+
+
+def approve_new_group(course, *, by, reviewer, name, public_key, members=()):
+    """Sign up a group and approve it: returns its VM and the provision operation."""
+    from labs.choices import OperationKind
+    from labs.models import Vm
+    from labs.services.groups import group_approve, group_register
+
+    group = group_register(
+        course=course,
+        by=by,
+        name=name,
+        member_usernames=list(members),
+        project_title="t",
+        project_idea="i",
+        ssh_public_key=public_key,
+    )
+    group_approve(group=group, by=reviewer)
+    vm = Vm.objects.get(group=group)
+    return vm, Operation.objects.get(vm=vm, kind=OperationKind.PROVISION)

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from labs.choices import OperationKind
-from labs.models import ConsoleSession, Operation, Vm
-from labs.services.groups import group_approve, group_register
+from labs.models import ConsoleSession
 from labs.services.vms import vm_operation_request
 
 from ..e2e.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
-from .conftest import ssh, wait_for, wait_for_ssh, wait_operation
+from .conftest import approve_new_group, ssh, wait_for, wait_for_ssh, wait_operation
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -113,18 +112,10 @@ def test_a_member_sees_the_login_prompt_and_types_into_the_console(
     password = secrets.token_urlsafe(12)
     alice.set_password(password)
     alice.save()
-    group = group_register(
-        course=course,
-        by=alice,
-        name="Console",
-        member_usernames=[],
-        project_title="t",
-        project_idea="i",
-        ssh_public_key=public,
+    vm, provision = approve_new_group(
+        course, by=alice, reviewer=ines, name="Console", public_key=public
     )
-    group_approve(group=group, by=ines)
-    vm = Vm.objects.get(group=group)
-    wait_operation(Operation.objects.get(vm=vm, kind=OperationKind.PROVISION))
+    wait_operation(provision)
     vm.refresh_from_db()
     assert vm.vnc_host == "127.0.0.1" and vm.vnc_port
     wait_for_ssh(key, vm.ssh_port)

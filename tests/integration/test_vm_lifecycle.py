@@ -5,11 +5,10 @@ import subprocess
 import pytest
 
 from labs.choices import ObservedState, OperationKind
-from labs.models import Operation, Snapshot, Vm
-from labs.services.groups import group_approve, group_register
+from labs.models import Snapshot
 from labs.services.vms import vm_operation_request
 
-from .conftest import sha256, ssh, wait_for_ssh, wait_operation
+from .conftest import approve_new_group, sha256, ssh, wait_for_ssh, wait_operation
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -34,20 +33,15 @@ def test_approve_ssh_snapshot_revert_reset_delete(
 ):
     key, public = group_keypair
     checksum_before = sha256(base_image)
-    group = group_register(
-        course=course,
-        by=alice,
-        name="Kernel <Hackers> & 'co'",
-        member_usernames=["bob"],
-        project_title="t",
-        project_idea="i",
-        ssh_public_key=public,
-    )
-
     # Approval creates the VM and a provision operation that a worker runs.
-    group_approve(group=group, by=ines)
-    vm = Vm.objects.get(group=group)
-    provision = Operation.objects.get(vm=vm, kind=OperationKind.PROVISION)
+    vm, provision = approve_new_group(
+        course,
+        by=alice,
+        reviewer=ines,
+        name="Kernel <Hackers> & 'co'",
+        public_key=public,
+        members=["bob"],
+    )
     wait_operation(provision, timeout=120)
     vm.refresh_from_db()
     assert vm.observed_state == ObservedState.RUNNING

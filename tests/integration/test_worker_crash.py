@@ -3,11 +3,10 @@
 import pytest
 
 from labs.choices import OperationKind, OperationStatus
-from labs.models import Operation, Vm
-from labs.services.groups import group_approve, group_register
+from labs.models import Operation
 from labs.services.vms import vm_operation_request
 
-from .conftest import wait_for, wait_operation
+from .conftest import approve_new_group, wait_for, wait_operation
 from .test_vm_lifecycle import virsh
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -23,18 +22,7 @@ def test_a_provision_killed_midway_finishes_once_after_the_worker_restarts(
     _, public = group_keypair
     worker.stop()
     worker.start(STRATUS_FAILPOINTS=f"{PAUSE_AT}:60")
-    group = group_register(
-        course=course,
-        by=alice,
-        name="Crashers",
-        member_usernames=[],
-        project_title="t",
-        project_idea="i",
-        ssh_public_key=public,
-    )
-    group_approve(group=group, by=ines)
-    vm = Vm.objects.get(group=group)
-    op = Operation.objects.get(vm=vm, kind=OperationKind.PROVISION)
+    vm, op = approve_new_group(course, by=alice, reviewer=ines, name="Crashers", public_key=public)
 
     def paused_midway():
         op.refresh_from_db()
