@@ -276,3 +276,71 @@ def test_an_approved_group_shows_no_edit_forms_and_refuses_edits(client_for, ali
 def test_healthz_answers_without_a_login_and_says_nothing_else(client):
     response = client.get("/healthz")
     assert response.status_code == 200 and response.content == b"ok\n"
+
+
+# --- the live group page ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def live_group(group_a, course, make_vm):
+    from labs.models import Host, Image, VmTemplate
+
+    vm = make_vm(group_a, name="vm1", ssh_port=22007)
+    Host.objects.filter(pk=vm.host_id).update(ssh_address="lab.example.edu")
+    VmTemplate.objects.create(course=course, image=Image.objects.get(), quota_vms=3, quota_vcpus=4)
+    return vm
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "ines"])
+def test_the_group_page_shows_the_ssh_line_with_its_copy_button_and_the_quota_left(
+    client_for, request, group_a, live_group, who
+):
+    page = client_for(request.getfixturevalue(who)).get(detail(group_a)).content.decode()
+    ssh_id = f"ssh-{live_group.pk}"
+    assert f'<code class="ssh" id="{ssh_id}">ssh -p 22007 student@lab.example.edu</code>' in page
+    assert f'data-copy-target="{ssh_id}"' in page and 'aria-label="Copy the SSH command' in page
+    assert "2 of 3 VMs left" in page and "3 of 4 vCPUs" in page
+    assert "Add a VM</button>" in page and "Take snapshot (with memory)" in page
+
+
+def test_a_group_at_its_quota_cannot_press_add_a_vm(client_for, alice, group_a, live_group):
+    from labs.models import VmTemplate
+
+    VmTemplate.objects.update(quota_vms=1)
+    page = client_for(alice).get(detail(group_a)).content.decode()
+    assert "0 of 1 VM left" in page
+    assert f'aria-describedby="quota-{group_a.pk}" disabled>Add a VM' in page
+
+
+def test_the_group_page_listens_to_its_own_group_only(client_for, alice, group_a, live_group):
+    page = client_for(alice).get(detail(group_a)).content.decode()
+    assert f'data-live-url="{detail(group_a)}" data-live-group="{group_a.pk}"' in page
+    for region in ["group-head", "machines", f"vm-{live_group.pk}-state", "operations", "quota"]:
+        assert f'data-live-region="{region}"' in page
+    assert 'data-live-announce role="status" aria-live="polite"' in page
+    assert "/static/js/live.js" in page and "/static/js/copy.js" in page
+    assert "<script>" not in page  # no inline script element: only files the site serves
+
+
+def test_a_live_refresh_leaves_the_flash_message_for_the_next_page_load(
+    client_for, alice, group_a, live_group
+):
+    client = client_for(alice)
+    client.post(reverse("labs:vm_operation", args=[live_group.pk, "reboot"]))
+    refreshed = client.get(detail(group_a), headers={"X-Live-Refresh": "1"}).content.decode()
+    assert "Reboot of vm1 is queued." in refreshed  # rendered, but not used up
+    assert "Reboot of vm1 is queued." in client.get(detail(group_a)).content.decode()
+    assert "Reboot of vm1 is queued." not in client.get(detail(group_a)).content.decode()
+
+
+def test_a_hostile_vm_name_and_progress_stay_escaped_on_the_group_page(
+    client_for, alice, group_a, live_group
+):
+    from labs.models import Operation, Vm
+
+    Vm.objects.filter(pk=live_group.pk).update(name="<b>vm</b>", status_message="<i>x</i>")
+    Operation.objects.create(vm=live_group, kind="reboot", progress="<script>p()</script>")
+    page = client_for(alice).get(detail(group_a)).content.decode()
+    assert "<b>vm</b>" not in page and "<i>x</i>" not in page and "<script>p()" not in page
+    assert "Copy the SSH command of &lt;b&gt;vm&lt;/b&gt;" in page
+    assert "&lt;script&gt;p()&lt;/script&gt;" in page

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import redis
 import redis.asyncio
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 
 from labs.models import Vm
+from labs.services.events import layer_publish
 
 TICKET_PREFIX = "stratus:console-ticket:"
 # The websocket subprotocol that carries the ticket: "stratus.ticket.<token>"
@@ -96,9 +95,8 @@ def vm_group(vm_id: int) -> str:
 
 def console_revoke(*, vm_id: int, reason: str, user_id: int | None = None) -> None:
     """Close every live console of a VM (or only one user's) within a second."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    async_to_sync(layer.group_send)(
-        vm_group(vm_id), {"type": "console.revoke", "reason": reason, "user_id": user_id}
+    # Through the events' sender: it never raises (Redis down must not fail a stop or a
+    # delete, whose VM then drops its VNC connection by itself) and works from any thread.
+    layer_publish(
+        [(vm_group(vm_id), {"type": "console.revoke", "reason": reason, "user_id": user_id})]
     )

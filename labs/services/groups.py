@@ -11,7 +11,7 @@ from django.utils import timezone
 from labs.choices import GroupStatus, Role
 from labs.models import Course, Group, Membership
 from labs.selectors import user_is_course_staff
-from labs.services import consoles, mail, vms
+from labs.services import consoles, events, mail, vms
 from labs.services.keys import SshKeyInfo, sshkey_parse
 
 _USERNAME_SPLIT = re.compile(r"[\s,;]+")
@@ -78,6 +78,9 @@ def group_register(
                 {"members": f"Already in another group of this course: {names}."},
                 code="taken",
             )
+        for member in members:  # their open pages now follow the new group
+            events.event_access_changed(user_id=member.user_id)
+        events.event_group(group=group)
     return group
 
 
@@ -187,6 +190,7 @@ def group_update(
         locked.project_idea = project_idea.strip()
         _resubmit_if_rejected(locked)
         locked.save()
+        events.event_group(group=locked)
     return locked
 
 
@@ -205,6 +209,7 @@ def group_key_replace(*, group: Group, by: AbstractBaseUser, ssh_public_key: str
         except IntegrityError:
             _check_name_and_key_free(course=locked.course, name="", key=key, exclude=locked)
             raise
+        events.event_group(group=locked)
     return locked
 
 
@@ -222,6 +227,7 @@ def _review(*, group: Group, by: AbstractBaseUser, status: str, note: str) -> Gr
         locked.reviewed_by = by
         locked.reviewed_at = timezone.now()
         locked.save()
+        events.event_group(group=locked)
         if status == GroupStatus.APPROVED:
             # Machines for the group: placed now, provisioned by the workers after commit.
             vms.group_vms_create(group=locked, by=by)
@@ -279,6 +285,12 @@ def membership_group_set(
                 )
         locked.group = group
         locked.save(update_fields=["group"])
+        if old_group_id != locked.group_id:
+            # First the member's own connections re-subscribe, then both groups' pages
+            # (members lists) refresh.
+            events.event_access_changed(user_id=locked.user_id)
+            for changed in Group.objects.filter(pk__in=[old_group_id, locked.group_id]):
+                events.event_group(group=changed)
         if old_group_id is not None and old_group_id != locked.group_id:
             vm_ids = list(Group.objects.get(pk=old_group_id).vms.values_list("pk", flat=True))
             user_id = locked.user_id

@@ -28,7 +28,7 @@ from labs.choices import (
 )
 from labs.models import Group, Host, Operation, Snapshot, Vm, VmTemplate
 from labs.selectors import user_is_course_staff
-from labs.services import cloudinit, consoles, hypervisor
+from labs.services import cloudinit, consoles, events, hypervisor
 from labs.services.hypervisor import HypervisorError, HypervisorUnavailable, VmSpec
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ def _vm_new(*, group: Group, template: VmTemplate, by: AbstractBaseUser | None) 
     )
     vm_place(vm=vm)
     _operation_new(vm=vm, kind=OperationKind.PROVISION, by=by)
+    events.event_vm(vm=vm)
     return vm
 
 
@@ -217,6 +218,7 @@ def _operation_new(
             f"{vm.name} is busy ({what} in progress); try again when it has finished.",
             code="busy",
         ) from None
+    events.event_operation(operation=op)
     if vm.host_id is not None:
         _enqueue(op)
     return op
@@ -287,9 +289,11 @@ def operation_claim(*, operation_id: int, worker: str) -> Operation | None:
     )
     if not claimed:
         return None
-    return Operation.objects.select_related("vm__host", "vm__image", "vm__group").get(
+    op = Operation.objects.select_related("vm__host", "vm__image", "vm__group").get(
         pk=operation_id
     )
+    events.event_operation(operation=op)
+    return op
 
 
 def _finish(op: Operation, status: str, error: str = "", progress: str | None = None) -> None:
@@ -297,6 +301,7 @@ def _finish(op: Operation, status: str, error: str = "", progress: str | None = 
     if progress is not None:
         fields["progress"] = progress
     Operation.objects.filter(pk=op.pk).update(**fields)
+    events.event_operation(operation=op)
 
 
 def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutcome:
@@ -312,17 +317,21 @@ def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutc
     try:
         _EXECUTORS[op.kind](op)
     except HypervisorUnavailable as error:
-        message = f"{error} — the host did not answer"
+        message = events.without_host_uri(f"{error} — the host did not answer", op.vm)
         if may_retry:
             Operation.objects.filter(pk=op.pk).update(
                 status=OperationStatus.QUEUED, error=message, progress="waiting to retry"
             )
+            events.event_operation(operation=op)
             return RunOutcome("retry", message)
         _finish(op, OperationStatus.FAILED, f"{message}; gave up after {op.attempts} tries.")
         _observe(op.vm, ObservedState.UNKNOWN)
         return RunOutcome("failed", message)
     except (HypervisorError, ValidationError) as error:
-        message = " ".join(getattr(error, "messages", [str(error)]))
+        # Members read the message on their page: the host's name, not its libvirt URI.
+        message = events.without_host_uri(
+            " ".join(getattr(error, "messages", [str(error)])), op.vm
+        )
         _finish(op, OperationStatus.FAILED, message)
         return RunOutcome("failed", message)
     except Exception:
@@ -349,6 +358,8 @@ def operations_recover(*, worker_prefix: str, alive_worker: str) -> list[int]:
         Operation.objects.filter(pk__in=orphaned, status=OperationStatus.RUNNING).update(
             status=OperationStatus.QUEUED, progress="re-queued after a worker crash"
         )
+        for op in Operation.objects.filter(pk__in=orphaned):
+            events.event_operation(operation=op)
     return orphaned
 
 
@@ -363,6 +374,7 @@ def operation_enqueue(*, operation_id: int) -> None:
 def _progress(op: Operation) -> Callable[[str], None]:
     def report(message: str) -> None:
         Operation.objects.filter(pk=op.pk).update(progress=message[:200])
+        events.event_operation(operation=op)
         _failpoint(f"{op.kind}:{message}")
 
     return report
@@ -403,11 +415,14 @@ def _close_consoles(vm: Vm, reason: str) -> None:
 
 
 def _observe(vm: Vm, state: str, message: str | None = None) -> None:
+    changed = state != vm.observed_state or (message is not None and message != vm.status_message)
     fields = {"observed_state": state, "observed_at": timezone.now()}
     if message is not None:
         fields["status_message"] = message
     Vm.objects.filter(pk=vm.pk).update(**fields)
     vm.observed_state = state
+    if changed:  # reconcile observes every VM every minute: only changes are news
+        events.event_vm(vm=vm)
 
 
 def _hv(vm: Vm) -> hypervisor.Hypervisor:
@@ -589,6 +604,9 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
         Vm.objects.filter(pk__in=[v.pk for v in vms]).update(
             observed_state=ObservedState.UNKNOWN, observed_at=timezone.now()
         )
+        for vm in vms:
+            if vm.observed_state != ObservedState.UNKNOWN:
+                events.event_vm(vm=vm)
         log.warning("reconcile: host %s did not answer: %s", host.name, error)
         return report
     Host.objects.filter(pk=host.pk).update(last_seen_at=timezone.now(), last_error="")
@@ -628,6 +646,7 @@ def vms_place_waiting() -> int:
     for vm in waiting:
         if vm_place(vm=vm):
             placed += 1
+            events.event_vm(vm=vm)
             for op in vm.operations.filter(status=OperationStatus.QUEUED):
                 _enqueue(op)
     return placed

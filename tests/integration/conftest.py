@@ -256,7 +256,10 @@ def group_keypair(tmp_path) -> tuple[Path, str]:
 
 
 class AsgiServer:
-    """The project's ASGI server (uvicorn, as in the Procfile) on this run's database."""
+    """The project's ASGI server (uvicorn, as in the Procfile) on this run's database.
+
+    ``stop()`` then ``start()`` is a server restart on the same port.
+    """
 
     def __init__(self, extra_env: dict[str, str]):
         import socket
@@ -267,7 +270,7 @@ class AsgiServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = ROOT / "test-artifacts" / f"asgi-{RUN}.log"
         self.log.parent.mkdir(exist_ok=True)
-        env = {
+        self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "portal.settings",
             "STRATUS_DOMAIN_PREFIX": PREFIX,
@@ -275,7 +278,13 @@ class AsgiServer:
             "CHANNEL_LAYER_PREFIX": f"stratus-test{RUN}",
             **extra_env,
         }
-        env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        self.env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.log.touch()
+        logged = self.log.stat().st_size
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -288,13 +297,13 @@ class AsgiServer:
                 str(self.port),
             ],
             cwd=ROOT,
-            env=env,
+            env=self.env,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         wait_for(
-            lambda: b"Uvicorn running" in self.log.read_bytes() or self.proc.poll(),
+            lambda: b"Uvicorn running" in self.log.read_bytes()[logged:] or self.proc.poll(),
             timeout=30,
             what="uvicorn to start",
         )
@@ -302,7 +311,7 @@ class AsgiServer:
             raise RuntimeError(f"uvicorn exited; see {self.log}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
@@ -336,3 +345,33 @@ def approve_new_group(course, *, by, reviewer, name, public_key, members=()):
     group_approve(group=group, by=reviewer)
     vm = Vm.objects.get(group=group)
     return vm, Operation.objects.get(vm=vm, kind=OperationKind.PROVISION)
+
+
+@pytest.fixture
+def server_channels(settings):
+    """This process publishes where the server's consumers listen (the server and the
+    worker share this run's channel-layer prefix; tests otherwise get a private one)."""
+    layers = {**settings.CHANNEL_LAYERS}
+    layers["default"] = {
+        **layers["default"],
+        "CONFIG": {**layers["default"]["CONFIG"], "prefix": f"stratus-test{RUN}"},
+    }
+    settings.CHANNEL_LAYERS = layers
+
+
+def sign_in(browser, server: AsgiServer, user, password: str):
+    """A new browser context signed in as ``user`` through the login form."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    page.goto(server.url + "/accounts/login/")
+    page.get_by_label("Username").fill(user.username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/accounts/login/" not in url)
+    return page
+
+
+def live(page) -> None:
+    """Wait until the page's events websocket is connected."""
+    page.locator("[data-live-status][data-state='live']").wait_for()

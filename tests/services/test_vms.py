@@ -328,6 +328,17 @@ def test_an_unreachable_host_requeues_for_retry_then_fails_with_a_message(
     assert "gave up after 2 tries" in op.error
 
 
+def test_a_failure_names_the_host_to_members_not_its_libvirt_uri(group_a, ines, template, host):
+    Host.objects.filter(pk=host.pk).update(uri="nosuchdriver:///system")
+    [vm] = approve(group_a, ines)
+    op = vm.operations.get()
+    assert run(op).status == "retry"  # libvirt: "no connection driver available for <uri>"
+    vms.operation_run(operation_id=op.pk, worker="t/1", may_retry=False)
+    op.refresh_from_db()
+    assert op.status == OperationStatus.FAILED
+    assert f"host {host.name}" in op.error and "nosuchdriver" not in op.error
+
+
 def test_a_missing_base_image_fails_permanently_with_its_path(group_a, ines, template, host):
     Image.objects.update(path="/nonexistent/base.qcow2")
     [vm] = approve(group_a, ines)
