@@ -57,3 +57,55 @@ class RejectForm(forms.Form):
         max_length=5000,
         help_text="Every member of the selected groups receives this note by email.",
     )
+
+
+class BulkActionForm(forms.Form):
+    """The course overview's bulk action: one operation on the VMs of all or some groups.
+
+    ``groups`` are the course's approved groups (the only choices accepted).
+    """
+
+    KINDS = [
+        ("start", "Start"),
+        ("stop", "Shut down"),
+        ("snapshot", "Snapshot"),
+        ("reset", "Reset to baseline"),
+    ]
+    SCOPES = [("selected", "The groups selected below"), ("all", "All approved groups")]
+
+    kind = forms.ChoiceField(
+        label="Action", choices=KINDS, error_messages={"required": "Choose an action."}
+    )
+    scope = forms.ChoiceField(choices=SCOPES, initial="selected")
+    groups = forms.TypedMultipleChoiceField(coerce=int, required=False)
+    confirm_reset = forms.BooleanField(
+        required=False,
+        label="I understand: reset erases the disks and snapshots of these VMs.",
+    )
+
+    def __init__(self, *args, groups=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["groups"].choices = [(g.pk, g.name) for g in groups]
+
+    def clean(self):
+        data = super().clean()
+        if data.get("kind") == "reset" and not data.get("confirm_reset"):
+            self.add_error(
+                "confirm_reset", "Reset erases the VMs' disks: tick the box to confirm it."
+            )
+        if data.get("scope") == "selected" and "groups" in data and not data["groups"]:
+            self.add_error("groups", "Select at least one group, or choose all approved groups.")
+        return data
+
+    @property
+    def group_ids(self) -> list[int] | None:
+        """The groups to act on (None: all approved); after validation."""
+        if self.cleaned_data["scope"] == "all":
+            return None
+        return self.cleaned_data["groups"]
+
+    @property
+    def selected(self) -> set[int]:
+        """The ticked groups as sent, to tick them again on a refused form."""
+        raw = self.data.getlist("groups") if hasattr(self.data, "getlist") else []
+        return {int(v) for v in raw if str(v).isdigit()}

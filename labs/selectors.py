@@ -4,12 +4,37 @@ A group or course the user may not see is a 404, never a 403: the page must not 
 confirm that it exists.
 """
 
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import (
+    Case,
+    Count,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce
 from django.http import Http404
 
-from labs.choices import ACTIVE_OPERATION_STATUSES, STAFF_ROLES, DesiredState, Role
-from labs.models import Course, Group, Membership, Operation, Vm
+from labs.choices import (
+    ACTIVE_OPERATION_STATUSES,
+    STAFF_ROLES,
+    DesiredState,
+    GroupStatus,
+    ObservedState,
+    OperationKind,
+    OperationStatus,
+    Role,
+)
+from labs.models import Course, Group, Host, Membership, Operation, Vm
 
 
 def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
@@ -131,3 +156,256 @@ def operations_of_group(*, group: Group, limit: int = 30) -> list[Operation]:
         .select_related("vm", "requested_by")
         .order_by("-created_at")[:limit]
     )
+
+
+# --- the instructor overview ------------------------------------------------------------------
+
+
+def course_for_staff(*, user: AbstractBaseUser, slug: str) -> Course:
+    """The course with this slug if the user teaches it (or is a superuser); else 404."""
+    if not user.is_authenticated:
+        raise Http404("No such course.")
+    courses = Course.objects.filter(slug=slug)
+    if not user.is_superuser:
+        courses = courses.filter(memberships__user=user, memberships__role__in=STAFF_ROLES)
+    course = courses.first()
+    if course is None:
+        raise Http404("No such course.")
+    return course
+
+
+def groups_of_course(*, course: Course, status: str | None = None) -> QuerySet[Group]:
+    """The course's groups (of one status), by name. For course staff only."""
+    groups = Group.objects.filter(course=course).order_by("name")
+    return groups if status is None else groups.filter(status=status)
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    """What a host's live VMs take, against its capacity with overcommit (as placement)."""
+
+    host: Host
+    vcpus: tuple[int, int]  # (used, capacity)
+    memory_mib: tuple[int, int]
+    disk_gib: tuple[int, int]
+    course_vms: int  # live VMs of the course asked about
+
+    @property
+    def free(self) -> dict[str, int]:
+        return {
+            "vcpus": self.vcpus[1] - self.vcpus[0],
+            "memory_mib": self.memory_mib[1] - self.memory_mib[0],
+            "disk_gib": self.disk_gib[1] - self.disk_gib[0],
+        }
+
+    @property
+    def is_full(self) -> bool:
+        return any(free <= 0 for free in self.free.values())
+
+
+_LIVE_STATES = [s for s in DesiredState.values if s != DesiredState.DELETED]
+
+
+def host_usages(*, course: Course | None = None) -> list[HostUsage]:
+    """Every host's usage in one grouped query (``vms.host_capacity`` asks once per host).
+
+    With a course: the enabled hosts and the hosts holding any live VM of the course.
+    """
+    live = Q(vms__desired_state__in=_LIVE_STATES)
+    hosts = Host.objects.annotate(
+        used_vcpus=Coalesce(Sum("vms__vcpus", filter=live), 0),
+        used_memory_mib=Coalesce(Sum("vms__memory_mib", filter=live), 0),
+        used_disk_gib=Coalesce(Sum("vms__disk_gib", filter=live), 0),
+        course_vms=Count("vms", filter=live & Q(vms__group__course=course))
+        if course is not None
+        else Value(0),
+    ).order_by("name")
+    if course is not None:
+        holding = (
+            Vm.objects.filter(group__course=course, host__isnull=False)
+            .exclude(desired_state=DesiredState.DELETED)
+            .values("host_id")
+        )
+        hosts = hosts.filter(Q(enabled=True) | Q(pk__in=holding))
+    return [
+        HostUsage(
+            host=host,
+            vcpus=(host.used_vcpus, int(host.vcpus * host.cpu_overcommit)),
+            memory_mib=(host.used_memory_mib, int(host.memory_mib * host.memory_overcommit)),
+            disk_gib=(host.used_disk_gib, int(host.disk_gib * host.disk_overcommit)),
+            course_vms=host.course_vms,
+        )
+        for host in hosts
+    ]
+
+
+@dataclass(frozen=True)
+class OverviewVm:
+    pk: int
+    name: str
+    state: str  # ObservedState value
+    state_label: str
+    activity: str  # the operation in progress, "Shut down: queued", or ""
+
+
+@dataclass(frozen=True)
+class OverviewGroup:
+    pk: int
+    name: str
+    status: str  # GroupStatus value
+    status_label: str
+    members: list[str]  # usernames
+    vms: list[OverviewVm]
+    last_operation: str  # "Start: failed", or ""
+    last_operation_status: str  # OperationStatus value, or ""
+
+
+@dataclass(frozen=True)
+class OverviewOperation:
+    created_at: datetime
+    group_id: int
+    group_name: str
+    vm_name: str
+    kind_label: str
+    snapshot_name: str
+    requested_by: str  # username, or "" for Stratus itself
+    status: str
+    status_label: str
+    error: str
+    progress: str  # only while it is queued or running
+
+
+@dataclass(frozen=True)
+class CourseOverview:
+    course: Course
+    groups: list[OverviewGroup]  # every group of the course, by name
+    group_counts: list[tuple[str, str, int]]  # (status, label, count), every status
+    vm_counts: list[tuple[str, str, int]]  # (observed state, label, count), states present
+    hosts: list[HostUsage]
+    operations: list[OverviewOperation]  # failed first, then newest first
+
+    @property
+    def approved_groups(self) -> list[OverviewGroup]:
+        return [g for g in self.groups if g.status == GroupStatus.APPROVED]
+
+
+_GROUP_STATUS = dict(GroupStatus.choices)
+_VM_STATE = dict(ObservedState.choices)
+_OP_KIND = dict(OperationKind.choices)
+_OP_STATUS = dict(OperationStatus.choices)
+
+
+def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOverview:
+    """Everything the course staff's overview shows, in a fixed number of queries.
+
+    Seven queries, however many groups, VMs, hosts and operations: groups (with their
+    last operation by subquery), members, live VMs, operations in progress, recent
+    operations and hosts (one grouped query). Rows are read as values, not model
+    instances: the page is a hot one (every live update of every open overview).
+    """
+    last_op = Operation.objects.filter(vm__group=OuterRef("pk")).order_by("-created_at", "-pk")
+    groups = (
+        Group.objects.filter(course=course)
+        .annotate(
+            last_kind=Subquery(last_op.values("kind")[:1]),
+            last_status=Subquery(last_op.values("status")[:1]),
+        )
+        .order_by("name")
+        .values_list("pk", "name", "status", "last_kind", "last_status")
+    )
+    members: dict[int, list[str]] = defaultdict(list)
+    for group_id, username in (
+        Membership.objects.filter(course=course, group__isnull=False)
+        .order_by("user__username")
+        .values_list("group_id", "user__username")
+    ):
+        members[group_id].append(username)
+    activity = {
+        vm_id: f"{_OP_KIND.get(kind, kind)}: {_OP_STATUS.get(status, status).lower()}"
+        for vm_id, kind, status in Operation.objects.filter(
+            vm__group__course=course, status__in=ACTIVE_OPERATION_STATUSES
+        ).values_list("vm_id", "kind", "status")
+    }
+    vms: dict[int, list[OverviewVm]] = defaultdict(list)
+    vm_tally: Counter[str] = Counter()
+    for pk, group_id, name, state in (
+        Vm.objects.filter(group__course=course)
+        .exclude(desired_state=DesiredState.DELETED)
+        .order_by("name", "pk")
+        .values_list("pk", "group_id", "name", "observed_state")
+    ):
+        vms[group_id].append(
+            OverviewVm(pk, name, state, _VM_STATE.get(state, state), activity.get(pk, ""))
+        )
+        vm_tally[state] += 1
+    rows = [
+        OverviewGroup(
+            pk=pk,
+            name=name,
+            status=status,
+            status_label=_GROUP_STATUS.get(status, status),
+            members=members.get(pk, []),
+            vms=vms.get(pk, []),
+            last_operation=f"{_OP_KIND.get(kind, kind)}: {_OP_STATUS.get(op_status, '').lower()}"
+            if kind
+            else "",
+            last_operation_status=op_status or "",
+        )
+        for pk, name, status, kind, op_status in groups
+    ]
+    group_tally = Counter(g.status for g in rows)
+    return CourseOverview(
+        course=course,
+        groups=rows,
+        group_counts=[(s, label, group_tally[s]) for s, label in GroupStatus.choices],
+        vm_counts=[(s, label, vm_tally[s]) for s, label in ObservedState.choices if vm_tally[s]],
+        hosts=host_usages(course=course),
+        operations=_operations_failed_first(course=course, limit=operations_limit),
+    )
+
+
+def _operations_failed_first(*, course: Course, limit: int) -> list[OverviewOperation]:
+    failed_first = Case(When(status=OperationStatus.FAILED, then=Value(0)), default=Value(1))
+    rows = (
+        Operation.objects.filter(vm__group__course=course)
+        .order_by(failed_first, "-created_at", "-pk")
+        .values_list(
+            "created_at",
+            "vm__group_id",
+            "vm__group__name",
+            "vm__name",
+            "kind",
+            "params",
+            "requested_by__username",
+            "status",
+            "error",
+            "progress",
+        )[:limit]
+    )
+    return [
+        OverviewOperation(
+            created_at=created_at,
+            group_id=group_id,
+            group_name=group_name,
+            vm_name=vm_name,
+            kind_label=_OP_KIND.get(kind, kind),
+            snapshot_name=str(params.get("name", "")) if isinstance(params, dict) else "",
+            requested_by=username or "",
+            status=status,
+            status_label=_OP_STATUS.get(status, status),
+            error=error,
+            progress=progress if status in ACTIVE_OPERATION_STATUSES else "",
+        )
+        for (
+            created_at,
+            group_id,
+            group_name,
+            vm_name,
+            kind,
+            params,
+            username,
+            status,
+            error,
+            progress,
+        ) in rows
+    ]

@@ -10,7 +10,8 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from labs import selectors
 from labs.choices import GroupStatus, ObservedState, OperationKind, Role
-from labs.forms import GroupEditForm, GroupKeyForm, GroupSignupForm
+from labs.forms import BulkActionForm, GroupEditForm, GroupKeyForm, GroupSignupForm
+from labs.services import bulk as bulk_services
 from labs.services import consoles
 from labs.services import groups as group_services
 from labs.services import vms as vm_services
@@ -62,18 +63,33 @@ def group_detail(request, group_id: int):
     is_member = any(m.user_id == request.user.pk for m in members)
     context = {"group": group, "members": members, "is_member": is_member}
     if group.status == GroupStatus.APPROVED:
+        quota = vm_services.group_quota(group=group)
+        usage = vm_services.group_usage(group=group)
         context.update(
             vms=selectors.vms_of_group(group=group),
             operations=selectors.operations_of_group(group=group),
-            quota=vm_services.group_quota(group=group),
-            usage=vm_services.group_usage(group=group),
+            quota=quota,
+            usage=usage,
+            left={key: max(quota[key] - usage[key], 0) for key in quota},
         )
     if is_member and group.is_editable:
         context["edit_form"] = GroupEditForm(
             initial={"project_title": group.project_title, "project_idea": group.project_idea}
         )
         context["key_form"] = GroupKeyForm()
-    return render(request, "labs/group_detail.html", context)
+    return _render_live(request, "labs/group_detail.html", context)
+
+
+def _render_live(request, template: str, context: dict, status: int = 200):
+    """Render a page that live.js refreshes (docs/live-updates.md).
+
+    live.js fetches the page again to update its regions; such a fetch must not use up the
+    flash messages meant for the next real page load.
+    """
+    response = render(request, template, context, status=status)
+    if request.headers.get("X-Live-Refresh"):
+        messages.get_messages(request).used = False
+    return response
 
 
 @login_required
@@ -207,3 +223,53 @@ def healthz(request):
     except DatabaseError:
         return HttpResponse("database unavailable\n", status=503, content_type="text/plain")
     return HttpResponse("ok\n", content_type="text/plain")
+
+
+# --- course staff: the overview and its bulk actions ---------------------------------------
+
+
+def _overview_page(request, course, form: BulkActionForm, status: int = 200):
+    overview = selectors.course_overview(course=course)
+    context = {
+        "course": course,
+        "overview": overview,
+        "form": form,
+        "kinds": BulkActionForm.KINDS,
+        "scopes": BulkActionForm.SCOPES,
+        "chosen": {
+            "kind": form["kind"].value() or "",
+            "scope": form["scope"].value() or "selected",
+            "groups": form.selected if form.is_bound else set(),
+            "confirm_reset": bool(form["confirm_reset"].value()),
+        },
+    }
+    return _render_live(request, "labs/course_overview.html", context, status=status)
+
+
+@login_required
+@require_http_methods(["GET", "HEAD"])
+def course_overview(request, slug: str):
+    course = selectors.course_for_staff(user=request.user, slug=slug)
+    return _overview_page(request, course, BulkActionForm())
+
+
+@login_required
+@require_POST
+def course_bulk(request, slug: str):
+    course = selectors.course_for_staff(user=request.user, slug=slug)
+    groups = selectors.groups_of_course(course=course, status=GroupStatus.APPROVED)
+    form = BulkActionForm(request.POST, groups=groups)
+    if not form.is_valid():
+        return _overview_page(request, course, form, status=400)
+    try:
+        result = bulk_services.vms_bulk_request(
+            course=course,
+            kind=form.cleaned_data["kind"],
+            by=request.user,
+            group_ids=form.group_ids,
+        )
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        (messages.success if result.queued else messages.error)(request, result.summary())
+    return redirect("labs:course_overview", slug=course.slug)
