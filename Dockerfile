@@ -1,9 +1,11 @@
-# Web and worker image for Stratus (the same image runs `web`, `worker` and `beat`; see
-# Procfile). Hypervisor workers need libvirt's client library and reach libvirtd through
-# the Host's URI (qemu+ssh://…); the web process never talks to libvirt.
+# Web and worker image for Stratus: the same image runs `web` (the default command),
+# `worker` and `beat` (see Procfile and docker-compose.yml; docs/deploy.md). Workers reach
+# libvirtd through each Host's URI (qemu+ssh://…, hence openssh-client); the web process
+# never talks to libvirt.
 FROM python:3.13-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 DEBUG=false
+# libvirt-dev, pkg-config and gcc build libvirt-python; nodejs and npm install noVNC.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libvirt-dev pkg-config gcc openssh-client \
        qemu-utils nodejs npm \
@@ -15,10 +17,13 @@ RUN pip install --no-cache-dir -r requirements.txt \
     && npm ci --no-audit --no-fund --ignore-scripts
 COPY . .
 # collectstatic needs a key but uses nothing secret; the real one comes at run time.
+# The app runs as an unprivileged user that owns only var/ (beat's schedule file).
 RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --no-input \
-    && useradd --system --home /app stratus && chown -R stratus /app/var
+    && useradd --system --uid 10001 --user-group --home-dir /app --no-create-home stratus \
+    && chown -R stratus:stratus /app/var
 USER stratus
 
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
-CMD ["python", "-m", "uvicorn", "portal.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--ws-max-size", "262144", "--ws-per-message-deflate", "false"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "scripts/healthcheck.py"]
+CMD ["python", "-m", "uvicorn", "portal.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--ws-max-size", "262144", "--ws-per-message-deflate", "false", "--no-access-log"]

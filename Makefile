@@ -68,13 +68,24 @@ format: $(VENV)/.dev-deps
 migrate:
 	$(PY) manage.py migrate --no-input
 
+# The demo course, its people (new passwords each time) and the approved "Demo group"
+# whose VM the worker boots once `serve` starts it; its SSH key is var/demo_key.
 demo:
 	$(PY) manage.py load_demo --image $(IMAGE_DIR)/debian-12.qcow2
 
-# web, worker and beat from the Procfile, in the foreground.
+# web, worker and beat from the Procfile, in the foreground. Logs are text for the
+# terminal here (LOG_FORMAT=json gives what production writes). Ctrl-C leaves the demo VM
+# running in libvirt: the next `make run` finds it (docs/operations.md).
+LOG_FORMAT ?= text
 serve:
 	@echo "Stratus is at http://$(HOST):$(PORT)/  (Ctrl-C stops web, worker and beat)"
-	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
+	WEB_HOST=$(HOST) WEB_PORT=$(PORT) LOG_FORMAT=$(LOG_FORMAT) $(VENV)/bin/honcho start -f Procfile
 
+# The database goes with var/; libvirt's domains do not (docs/operations.md, "The demo").
 clean:
+	@if virsh -q -c qemu:///system list --all --name 2>/dev/null | grep -q '^stratus-vm-'; then \
+	  echo "Note: libvirt keeps the Stratus VMs of the database removed here (virsh list --all):"; \
+	  echo "the next make run's demo VM would clash with their names. How to remove them:"; \
+	  echo "docs/operations.md, \"The demo\"."; \
+	fi
 	rm -rf $(VENV) var

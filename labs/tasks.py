@@ -3,9 +3,11 @@
 import logging
 import os
 import socket
+import time
 
 from celery import shared_task
 from celery.signals import worker_ready
+from django.db import DatabaseError
 
 from labs.services import vms
 
@@ -39,15 +41,58 @@ def _worker_id(hostname: str | None) -> str:
 
 @shared_task(bind=True, name=OPERATION_TASK, acks_late=True, max_retries=MAX_RETRIES)
 def operation_run_task(self, operation_id: int) -> str:
-    outcome = vms.operation_run(
-        operation_id=operation_id,
-        worker=_worker_id(self.request.hostname),
-        may_retry=self.request.retries < self.max_retries,
-    )
+    started = time.monotonic()
+    try:
+        outcome = vms.operation_run(
+            operation_id=operation_id,
+            worker=_worker_id(self.request.hostname),
+            may_retry=self.request.retries < self.max_retries,
+        )
+    except Exception:
+        _log_operation_run(operation_id, "crashed", started)
+        raise
+    _log_operation_run(operation_id, outcome.status, started)
     if outcome.status == "retry":
         # Exponential backoff: 2, 4, 8, 16, 32 seconds.
         raise self.retry(countdown=2 ** (self.request.retries + 1))
     return outcome.status
+
+
+def _log_operation_run(operation_id: int, status: str, started: float) -> None:
+    """One line per run of an operation: how it ended, read back from its row.
+
+    The error is the student-facing message the row holds (no secrets); a run that
+    crashed has its traceback logged by the service just before.
+    """
+    from labs.models import Operation
+
+    try:
+        row = (
+            Operation.objects.filter(pk=operation_id)
+            .values("kind", "vm_id", "attempts", "error")
+            .first()
+        ) or {}
+    except DatabaseError:  # the line still says that the run ended, and how
+        row = {}
+    duration_ms = round((time.monotonic() - started) * 1000, 1)
+    log.log(
+        logging.WARNING if status in ("failed", "crashed", "retry") else logging.INFO,
+        "operation %s %s %s in %.1fms",
+        operation_id,
+        row.get("kind", "?"),
+        status,
+        duration_ms,
+        extra={
+            "event": "operation",
+            "operation_id": operation_id,
+            "kind": row.get("kind"),
+            "vm_id": row.get("vm_id"),
+            "status": status,
+            "attempts": row.get("attempts"),
+            "duration_ms": duration_ms,
+            "error": row.get("error", "") if status != "succeeded" else "",
+        },
+    )
 
 
 @shared_task(name="labs.tasks.reconcile_all", acks_late=True)

@@ -40,6 +40,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so its one line per request times and sees everything (portal/logging.py).
+    "portal.logging.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -118,6 +120,8 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = ("labs.tasks.route_task",)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Workers and beat log through LOGGING below instead of Celery's own format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Longer than the longest operation (a shutdown waits at most VM_SHUTDOWN_TIMEOUT, a
 # provision or reset a few minutes), so Redis never hands a running task to a second
 # worker. A worker killed mid-task has its operations re-queued when it starts again
@@ -217,10 +221,42 @@ if not DEBUG:
     if env_bool("BEHIND_TLS_PROXY", default=False):
         SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# Logging (docs/configuration.md): one JSON object per line on stderr by default, or
+# LOG_FORMAT=text for a person at a terminal (make run). One line per request
+# (portal.logging.RequestLogMiddleware) and one per operation run (labs.tasks).
+LOG_FORMAT = env_str("LOG_FORMAT", "json")
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or text, not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "portal.logging.RequestIdFilter"}},
+    "formatters": {
+        "json": {"()": "portal.logging.JsonFormatter"},
+        "text": {"()": "portal.logging.TextFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",  # stderr
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        # Everything goes through the root's one handler: Django's own console handler
+        # would print its records a second time, in another format.
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
+        # Its 4xx warnings repeat the request line; 5xx errors (with tracebacks) stay.
+        "django.request": {"level": "ERROR"},
+        # uvicorn's startup and error lines in the same format. Its access log stays off
+        # (--no-access-log in the Procfile and the Dockerfile): the request line above is
+        # the one line per request. Named here because configuring "uvicorn" would
+        # otherwise reset its child logger and bring those lines back.
+        "uvicorn": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+        # Celery's "received" and "succeeded in" lines repeat the operation line.
+        "celery.app.trace": {"level": "WARNING"},
+        "celery.worker.strategy": {"level": "WARNING"},
+    },
 }

@@ -2,7 +2,8 @@
 # Install the Debian packages Stratus needs, only those that are missing.
 # libvirt and QEMU come from scripts/setup-libvirt.sh, which also starts the daemons.
 #   scripts/setup-system.sh run    packages to run the site
-#   scripts/setup-system.sh test   packages to run the test suite (adds Chromium, ssh-keygen)
+#   scripts/setup-system.sh test   packages to run the test suite (adds Chromium, ssh-keygen,
+#                                  docker-compose for linting the compose file)
 set -euo pipefail
 
 profile=${1:-run}
@@ -11,7 +12,8 @@ packages=(ca-certificates make openssh-client
           mmdebstrap debian-archive-keyring qemu-utils e2fsprogs fdisk grub-common)
 case $profile in
   run) ;;
-  test) packages+=(chromium fonts-dejavu-core) ;;
+  # docker-compose lints docker-compose.yml (tests/test_deploy_files.py); no engine needed.
+  test) packages+=(chromium fonts-dejavu-core docker-compose) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

@@ -1,6 +1,7 @@
 """Management commands: what an operator types and what they read back."""
 
 import os
+import stat
 import subprocess
 import sys
 from io import StringIO
@@ -12,8 +13,9 @@ from django.contrib.auth import get_user_model
 from django.core import mail
 from django.core.management import CommandError, call_command
 
-from labs.choices import Role
-from labs.models import Course, Membership
+from labs.choices import GroupStatus, OperationKind, OperationStatus, Role
+from labs.models import Course, Group, Membership, Operation, Vm
+from labs.services.groups import group_register
 from tests.conftest import child_db_env
 
 User = get_user_model()
@@ -254,3 +256,114 @@ def test_import_roster_exits_non_zero_on_a_bad_file_and_zero_on_a_good_one(cours
     assert good.returncode == 0, good.stderr
     assert "created 1, updated 0, unchanged 0; 1 invitation sent" in good.stdout
     assert User.objects.filter(username="ann").exists()
+
+
+# load_demo ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def demo_image(tmp_path) -> Path:
+    """A tiny real qcow2 standing in for the demo's base image (nothing boots it here)."""
+    path = tmp_path / "images" / "debian-12.qcow2"
+    path.parent.mkdir()
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True, timeout=30
+    )
+    return path
+
+
+def load_demo(image: Path, key: Path) -> str:
+    out, _ = run("load_demo", "--image", str(image), "--key", str(key))
+    return out
+
+
+def printed_passwords(out: str) -> dict[str, str]:
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    return {row[0]: row[1] for row in rows if len(row) == 3 and row[2].startswith("(")}
+
+
+@pytest.mark.django_db
+def test_load_demo_makes_an_approved_group_whose_vm_is_queued_for_the_worker(
+    demo_image, tmp_path, django_capture_on_commit_callbacks
+):
+    key = tmp_path / "var" / "demo_key"
+
+    with django_capture_on_commit_callbacks(execute=False) as sent:
+        out = load_demo(demo_image, key)
+
+    group = Group.objects.get(course__slug="demo-os")
+    assert (group.name, group.status) == ("Demo group", GroupStatus.APPROVED)
+    assert sorted(group.memberships.values_list("user__username", flat=True)) == ["alice", "bob"]
+    [vm] = group.vms.all()
+    assert (vm.host.name, vm.host.uri, vm.ssh_port) == ("local", "qemu:///system", 22000)
+    [op] = vm.operations.all()
+    assert (op.kind, op.status) == (OperationKind.PROVISION, OperationStatus.QUEUED)
+    assert sent, "the provision is sent to the worker when the transaction commits"
+    # The private key stays in its file, readable by its owner only; the group has its
+    # public half.
+    private = key.read_text()
+    assert "PRIVATE KEY" in private
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert group.ssh_public_key.split()[:2] == key.with_suffix(".pub").read_text().split()[:2]
+    assert private.strip() not in out and "PRIVATE KEY" not in out
+    # What the newcomer reads: where to go, who to be, and the SSH line with the key.
+    assert "sign in as alice" in out
+    assert f"/groups/{group.pk}/" in out
+    assert "Console" in out
+    assert f"ssh -i {key} -p 22000 student@127.0.0.1" in out
+    passwords = printed_passwords(out)
+    assert set(passwords) == {"instructor", "alice", "bob", "carol", "dave"}
+    assert User.objects.get(username="alice").check_password(passwords["alice"])
+
+
+@pytest.mark.django_db
+def test_load_demo_run_again_keeps_the_one_group_vm_and_key_and_changes_the_passwords(
+    demo_image, tmp_path
+):
+    key = tmp_path / "demo_key"
+    first = load_demo(demo_image, key)
+    private = key.read_bytes()
+
+    second = load_demo(demo_image, key)
+
+    assert Group.objects.count() == 1
+    assert Vm.objects.count() == 1
+    assert Operation.objects.count() == 1
+    assert key.read_bytes() == private
+    assert Group.objects.get().status == GroupStatus.APPROVED
+    assert "ssh -i" in second and "-p 22000 student@127.0.0.1" in second
+    alice = User.objects.get(username="alice")
+    assert alice.check_password(printed_passwords(second)["alice"])
+    assert printed_passwords(first)["alice"] != printed_passwords(second)["alice"]
+
+
+@pytest.mark.django_db
+def test_load_demo_keeps_a_group_alice_signed_up_herself_and_says_so(
+    demo_image, tmp_path, make_public_key
+):
+    run("load_demo")  # the course and its people, no machines
+    course = Course.objects.get(slug="demo-os")
+    group_register(
+        course=course,
+        by=User.objects.get(username="alice"),
+        name="Alice's own",
+        member_usernames=[],
+        project_title="t",
+        project_idea="i",
+        ssh_public_key=make_public_key(),
+    )
+
+    out = load_demo(demo_image, tmp_path / "k1")
+
+    assert list(Group.objects.values_list("name", flat=True)) == ["Alice's own"]
+    assert "No demo group was created: Only students" not in out
+    assert "No demo group was created" in out and "alice" in out
+
+
+@pytest.mark.django_db
+def test_load_demo_without_an_image_makes_people_but_no_group(tmp_path):
+    out, _ = run("load_demo", "--key", str(tmp_path / "demo_key"))
+
+    assert set(printed_passwords(out)) == {"instructor", "alice", "bob", "carol", "dave"}
+    assert not Group.objects.exists()
+    assert not (tmp_path / "demo_key").exists()

@@ -22,12 +22,13 @@ PRODUCTION = {
 
 def manage(*args, env):
     # The browser tests allow sync ORM calls beside Playwright's loop; production does not.
-    ignored = {*PRODUCTION, "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    # A variable given as None is unset.
+    ignored = {*PRODUCTION, "DJANGO_ALLOW_ASYNC_UNSAFE", *env}
     clean = {k: v for k, v in os.environ.items() if k not in ignored}
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**clean, **env},
+        env={**clean, **{k: v for k, v in env.items() if v is not None}},
         capture_output=True,
         text=True,
         timeout=120,
@@ -62,3 +63,20 @@ def test_a_bad_integer_names_the_variable(monkeypatch):
 def test_lists_are_split_on_commas(monkeypatch):
     monkeypatch.setenv("ALLOWED_HOSTS", " a.example , b.example,,")
     assert env_list("ALLOWED_HOSTS") == ["a.example", "b.example"]
+
+
+def test_logs_are_json_lines_unless_text_is_asked_for():
+    show = "from django.conf import settings; print(settings.LOGGING['handlers']['console'])"
+
+    default = manage("shell", "-c", show, env={"LOG_FORMAT": None})
+    text = manage("shell", "-c", show, env={"LOG_FORMAT": "text"})
+
+    assert "'formatter': 'json'" in default.stdout, default.stderr
+    assert "'formatter': 'text'" in text.stdout, text.stderr
+
+
+def test_an_unknown_log_format_names_the_variable():
+    result = manage("check", env={"LOG_FORMAT": "xml"})
+
+    assert result.returncode != 0
+    assert "LOG_FORMAT must be json or text" in result.stderr
