@@ -63,10 +63,11 @@ def group_detail(request, group_id: int):
     is_member = any(m.user_id == request.user.pk for m in members)
     context = {"group": group, "members": members, "is_member": is_member}
     if group.status == GroupStatus.APPROVED:
+        vms = selectors.vms_of_group(group=group)
         quota = vm_services.group_quota(group=group)
-        usage = vm_services.group_usage(group=group)
+        usage = vm_services.group_usage(group=group, vms=vms)
         context.update(
-            vms=selectors.vms_of_group(group=group),
+            vms=vms,
             operations=selectors.operations_of_group(group=group),
             quota=quota,
             usage=usage,

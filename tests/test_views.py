@@ -344,3 +344,29 @@ def test_a_hostile_vm_name_and_progress_stay_escaped_on_the_group_page(
     assert "<b>vm</b>" not in page and "<i>x</i>" not in page and "<script>p()" not in page
     assert "Copy the SSH command of &lt;b&gt;vm&lt;/b&gt;" in page
     assert "&lt;script&gt;p()&lt;/script&gt;" in page
+
+
+def test_the_group_page_makes_as_many_queries_for_three_busy_vms_as_for_one(
+    client_for, alice, group_a, group_b, live_group, make_vm
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from labs.models import Operation, Snapshot
+
+    client = client_for(alice)
+
+    def queries() -> int:
+        client.get(detail(group_a))  # the session and the user are loaded alike each time
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(detail(group_a)).status_code == 200
+        return len(captured)
+
+    one = queries()
+    for name in ("vm2", "vm3"):
+        vm = make_vm(group_a, name=name)
+        Snapshot.objects.create(vm=vm, name="s1", with_memory=False)
+        Operation.objects.create(vm=vm, kind="start", status="running")
+        Operation.objects.create(vm=vm, kind="stop", status="failed", error="no")
+    make_vm(group_b, name="vm1")  # other groups' VMs change nothing either
+    assert queries() == one

@@ -124,12 +124,21 @@ def group_quota(*, group: Group) -> dict[str, int]:
     }
 
 
-def group_usage(*, group: Group) -> dict[str, int]:
-    live = Vm.objects.filter(group=group).exclude(desired_state=DesiredState.DELETED)
-    used = live.aggregate(
-        vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"), disk_gib=Sum("disk_gib")
-    )
-    return {"vms": live.count(), **{k: v or 0 for k, v in used.items()}}
+def group_usage(*, group: Group, vms: list[Vm] | None = None) -> dict[str, int]:
+    """What the group's live VMs use of its quota; ``vms``: those VMs when the caller has
+    them loaded already (the group page), so that no query is made."""
+    if vms is None:
+        vms = list(
+            Vm.objects.filter(group=group)
+            .exclude(desired_state=DesiredState.DELETED)
+            .only("vcpus", "memory_mib", "disk_gib")
+        )
+    return {
+        "vms": len(vms),
+        "vcpus": sum(vm.vcpus for vm in vms),
+        "memory_mib": sum(vm.memory_mib for vm in vms),
+        "disk_gib": sum(vm.disk_gib for vm in vms),
+    }
 
 
 def _next_vm_name(group: Group) -> str:
