@@ -74,7 +74,16 @@ TEMPLATES = [
 # Database: SQLite by default, anything dj-database-url understands via DATABASE_URL.
 DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        # Under ASGI every request runs its sync code in a thread of its own, so persistent
+        # connections pile up one per thread until PostgreSQL refuses ("too many clients
+        # already" under bench/pages.py). One pool per process instead (psycopg_pool).
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": env_int("DATABASE_POOL_SIZE", 10),
+            "timeout": 30,
+        }
 else:
     DATABASES = {
         "default": {

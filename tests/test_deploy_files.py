@@ -186,6 +186,7 @@ def test_compose_publishes_only_the_web_port_and_only_on_loopback():
 def test_compose_sets_only_variables_that_settings_reads():
     read = settings_variables()
     assert {"SECRET_KEY", "DATABASE_URL", "REDIS_URL", "LOG_FORMAT"} <= read  # the parser works
+    read.add("WEB_CONCURRENCY")  # uvicorn's own: its number of worker processes
     for name in APP_SERVICES:
         unknown = set(compose()["services"][name]["environment"]) - read
         assert not unknown, f"{name} sets variables settings.py never reads: {unknown}"

@@ -80,3 +80,25 @@ def test_an_unknown_log_format_names_the_variable():
 
     assert result.returncode != 0
     assert "LOG_FORMAT must be json or text" in result.stderr
+
+
+def test_postgresql_gets_a_connection_pool_and_no_connection_kept_per_thread():
+    # Under ASGI each request's sync code runs in a thread of its own: connections kept
+    # per thread piled up until PostgreSQL refused more (bench/pages.py, 50 clients).
+    script = (
+        "from django.conf import settings; db = settings.DATABASES['default']; "
+        "print(db['CONN_MAX_AGE'], db['OPTIONS']['pool']['max_size'])"
+    )
+    result = manage(
+        "shell",
+        "--verbosity",
+        "0",
+        "-c",
+        script,
+        env={
+            "DATABASE_URL": "postgres://stratus@db.example.edu/stratus",
+            "DATABASE_POOL_SIZE": "7",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "7"]
