@@ -110,6 +110,17 @@ def ines(make_student):
 
 
 @pytest.fixture
+def other_course(db) -> Course:
+    return Course.objects.create(slug="net201", title="Networks")
+
+
+@pytest.fixture
+def olga(make_student, other_course):
+    """Instructor of another course only: must see nothing of ``course``."""
+    return make_student("olga", role=Role.INSTRUCTOR, in_course=other_course)
+
+
+@pytest.fixture
 def group_a(course, alice, bob, make_public_key):
     return group_register(
         course=course,

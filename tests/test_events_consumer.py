@@ -214,6 +214,6 @@ async def test_events_name_no_channel_group_a_browser_could_use(cast, alice):
         raw = await page.communicator.receive_from(timeout=5)
         assert "events." not in raw
         assert set(json.loads(raw)) == {
-            "type", "group", "course", "vm", "vm_name", "operation", "kind", "kind_display",
-            "status", "status_display", "progress", "error",
+            "type", "group", "course", "group_name", "vm", "vm_name", "operation", "kind",
+            "kind_display", "status", "status_display", "progress", "error",
         }  # fmt: skip

@@ -16,7 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from labs.choices import GroupStatus, ObservedState, OperationStatus, Role
-from labs.models import Course, Group, Host, Membership, Operation
+from labs.models import Group, Host, Membership, Operation
 from labs.services.groups import group_register
 
 pytestmark = pytest.mark.django_db
@@ -37,17 +37,6 @@ def lab(group_a, group_b, make_vm):
     Operation.objects.filter(pk=failed.pk).update(created_at=timezone.now() - timedelta(days=2))
     Operation.objects.create(vm=a1, kind="reboot", status=OperationStatus.SUCCEEDED)
     return a1, a2, b1
-
-
-@pytest.fixture
-def other_course(db):
-    return Course.objects.create(slug="net201", title="Networks")
-
-
-@pytest.fixture
-def olga(make_student, other_course):
-    """Instructor of another course."""
-    return make_student("olga", role=Role.INSTRUCTOR, in_course=other_course)
 
 
 @pytest.fixture

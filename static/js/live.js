@@ -79,7 +79,9 @@
     const key = `${event.operation}:${event.status}`;
     if (announced.has(key)) return;
     announced.add(key);
-    let text = `${event.kind_display} of ${event.vm_name} ${String(event.status_display).toLowerCase()}`;
+    // A course page lists every group's vm1: name the group there.
+    const vm = config.group ? event.vm_name : `${event.group_name}/${event.vm_name}`;
+    let text = `${event.kind_display} of ${vm} ${String(event.status_display).toLowerCase()}`;
     if (event.status === "failed" && event.error) text += `: ${event.error}`;
     // Cleared first, so that the same words twice are announced twice.
     announcer.textContent = "";

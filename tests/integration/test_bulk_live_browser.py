@@ -6,6 +6,7 @@ Operation per VM goes through the worker, and each group's page, open in a membe
 browser and never reloaded, shows its VM stop.
 """
 
+import re
 import secrets
 
 import pytest
@@ -101,6 +102,9 @@ def test_an_instructor_bulk_stops_three_groups_and_each_group_page_shows_its_vm_
             # The overview, live as well, counts them stopped.
             live(overview)
             overview.locator("[data-live-region=counts]").get_by_text("3 stopped").wait_for()
+            # Its announcements name the group: every group here has a vm1.
+            said = overview.locator("[data-live-announce]").inner_text()
+            assert re.fullmatch(r"Shut down of (Alpha|Bravo|Charlie)/vm1 succeeded", said), said
             ARTIFACTS.mkdir(exist_ok=True)
             pages["Bravo"].screenshot(path=str(ARTIFACTS / "bulk-stop-group-page.png"))
             overview.screenshot(path=str(ARTIFACTS / "bulk-stop-overview.png"), full_page=True)

@@ -5,23 +5,12 @@ import pytest
 from django.core.exceptions import PermissionDenied, ValidationError
 
 from labs.choices import GroupStatus, ObservedState, OperationStatus, Role
-from labs.models import Course, Group, Operation
+from labs.models import Group, Operation
 from labs.services import bulk
 from labs.services.bulk import vms_bulk_request
 from labs.services.groups import group_register
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def other_course(db):
-    return Course.objects.create(slug="net201", title="Networks")
-
-
-@pytest.fixture
-def olga(make_student, other_course):
-    """Instructor of the other course only."""
-    return make_student("olga", role=Role.INSTRUCTOR, in_course=other_course)
 
 
 @pytest.fixture

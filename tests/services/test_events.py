@@ -23,10 +23,14 @@ from labs.services.groups import group_approve, membership_group_set
 from tests.services.test_vms import make_host
 
 OPERATION_FIELDS = {
-    "type", "group", "course", "vm", "vm_name", "operation", "kind", "kind_display",
+    "type", "group", "course", "group_name", "vm", "vm_name", "operation", "kind",
+    "kind_display",
     "status", "status_display", "progress", "error",
 }  # fmt: skip
-VM_FIELDS = {"type", "group", "course", "vm", "vm_name", "state", "state_display", "message"}
+VM_FIELDS = {
+    "type", "group", "course", "group_name", "vm", "vm_name", "state", "state_display",
+    "message",
+}  # fmt: skip
 
 
 class Listener:
@@ -171,6 +175,7 @@ def test_a_queued_operation_reaches_its_group_and_course_staff_with_only_what_th
         "type": "operation",
         "group": group_a.pk,
         "course": group_a.course_id,
+        "group_name": group_a.name,
         "vm": vm_a.pk,
         "vm_name": "vm1",
         "operation": op.pk,
