@@ -9,6 +9,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError
 
+from labs.models import Operation
 from labs.services import vms
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ def _log_operation_run(operation_id: int, status: str, started: float) -> None:
     The error is the student-facing message the row holds (no secrets); a run that
     crashed has its traceback logged by the service just before.
     """
-    from labs.models import Operation
-
     try:
         row = (
             Operation.objects.filter(pk=operation_id)
