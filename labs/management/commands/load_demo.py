@@ -62,8 +62,11 @@ class Command(BaseCommand):
             if running:
                 out(page + "the VM is running.")
             else:
-                out(page + "watch the VM go from provisioning to running, live (1 to 3 min).")
-            out("  3. Press Console: the VM's screen in the browser, at its login: prompt.")
+                out(page + "the VM shows Running within seconds of the worker starting, live.")
+            out(
+                "  3. Press Console: the VM's screen in the browser; it boots to its login: "
+                "prompt in about a minute."
+            )
             for vm in group.vms:
                 if vm.ssh_port and vm.host is not None:
                     key = _shown_path(group.key_path) if group.key_path else "KEY"
