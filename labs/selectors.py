@@ -10,8 +10,8 @@ from datetime import datetime
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import (
-    Case,
     Count,
+    Exists,
     OuterRef,
     Prefetch,
     Q,
@@ -19,7 +19,6 @@ from django.db.models import (
     Subquery,
     Sum,
     Value,
-    When,
 )
 from django.db.models.functions import Coalesce
 from django.http import Http404
@@ -299,8 +298,8 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
     """Everything the course staff's overview shows, in a fixed number of queries.
 
     Seven queries, however many groups, VMs, hosts and operations: groups (with their
-    last operation by subquery), members, live VMs, operations in progress, recent
-    operations and hosts (one grouped query). Rows are read as values, not model
+    last operation by subquery), members, live VMs, operations in progress, the failures
+    still standing, the newest operations and hosts (one grouped query). Rows are read as values, not model
     instances: the page is a hot one (every live update of every open overview).
     """
     last_op = Operation.objects.filter(vm__group=OuterRef("pk")).order_by("-created_at", "-pk")
@@ -365,23 +364,37 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
 
 
 def _operations_failed_first(*, course: Course, limit: int) -> list[OverviewOperation]:
-    failed_first = Case(When(status=OperationStatus.FAILED, then=Value(0)), default=Value(1))
-    rows = (
-        Operation.objects.filter(vm__group__course=course)
-        .order_by(failed_first, "-created_at", "-pk")
-        .values_list(
-            "created_at",
-            "vm__group_id",
-            "vm__group__name",
-            "vm__name",
-            "kind",
-            "params",
-            "requested_by__username",
-            "status",
-            "error",
-            "progress",
-        )[:limit]
+    """The course's operations, newest first, with the failures still standing on top.
+
+    A failure stands until the same VM has an operation that succeeded after it: a start
+    that failed in week 2 and worked on the next try must not sit above this week's work
+    for the rest of the term.
+    """
+    put_right = Operation.objects.filter(
+        vm=OuterRef("vm"), status=OperationStatus.SUCCEEDED, created_at__gt=OuterRef("created_at")
     )
+    ops = Operation.objects.filter(vm__group__course=course).order_by("-created_at", "-pk")
+    fields = (
+        "pk",
+        "created_at",
+        "vm__group_id",
+        "vm__group__name",
+        "vm__name",
+        "kind",
+        "params",
+        "requested_by__username",
+        "status",
+        "error",
+        "progress",
+    )
+    standing = list(
+        ops.filter(status=OperationStatus.FAILED)
+        .filter(~Exists(put_right))
+        .values_list(*fields)[:limit]
+    )
+    shown = {row[0] for row in standing}
+    newest = [row for row in ops.values_list(*fields)[:limit] if row[0] not in shown]
+    rows = (standing + newest)[:limit]
     return [
         OverviewOperation(
             created_at=created_at,
@@ -397,6 +410,7 @@ def _operations_failed_first(*, course: Course, limit: int) -> list[OverviewOper
             progress=progress if status in ACTIVE_OPERATION_STATUSES else "",
         )
         for (
+            _pk,
             created_at,
             group_id,
             group_name,

@@ -120,6 +120,19 @@ def test_failed_operations_come_first_with_their_error(client_for, ines, course,
     assert operations.index("Domain failed to boot") < operations.index("Reboot")
 
 
+def test_a_failure_put_right_by_a_later_success_falls_back_into_line(
+    client_for, ines, course, lab
+):
+    _, _, b1 = lab
+    start = Operation.objects.create(vm=b1, kind="start", status=OperationStatus.SUCCEEDED)
+    Operation.objects.filter(pk=start.pk).update(created_at=timezone.now() - timedelta(days=1))
+    operations = section(
+        client_for(ines).get(overview_url(course)).content.decode(), "operations-heading"
+    )
+    # Newest first now: the reboot (today), the start that worked (yesterday), the failure.
+    assert operations.index("Reboot") < operations.index("Domain failed to boot")
+
+
 def test_hostile_group_names_and_errors_stay_escaped(
     client_for, ines, course, dave, make_public_key, make_vm
 ):
