@@ -299,8 +299,9 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
 
     Seven queries, however many groups, VMs, hosts and operations: groups (with their
     last operation by subquery), members, live VMs, operations in progress, the failures
-    still standing, the newest operations and hosts (one grouped query). Rows are read as values, not model
-    instances: the page is a hot one (every live update of every open overview).
+    still standing, the newest operations and hosts (one grouped query). Rows are read as
+    values, not model instances: the page is a hot one (every live update of every open
+    overview).
     """
     last_op = Operation.objects.filter(vm__group=OuterRef("pk")).order_by("-created_at", "-pk")
     groups = (
