@@ -121,6 +121,24 @@ def olga(make_student, other_course):
 
 
 @pytest.fixture
+def make_group(make_public_key):
+    """Sign a group up through the service, by ``by`` alone unless members are named."""
+
+    def make(*, course: Course, by, name: str, members: tuple[str, ...] = ()) -> Group:
+        return group_register(
+            course=course,
+            by=by,
+            name=name,
+            member_usernames=list(members),
+            project_title=f"{name}'s project",
+            project_idea="An idea.",
+            ssh_public_key=make_public_key("group"),
+        )
+
+    return make
+
+
+@pytest.fixture
 def group_a(course, alice, bob, make_public_key):
     return group_register(
         course=course,

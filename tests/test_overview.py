@@ -17,7 +17,6 @@ from django.utils import timezone
 
 from labs.choices import GroupStatus, ObservedState, OperationStatus, Role
 from labs.models import Group, Host, Membership, Operation
-from labs.services.groups import group_register
 
 pytestmark = pytest.mark.django_db
 
@@ -134,17 +133,9 @@ def test_a_failure_put_right_by_a_later_success_falls_back_into_line(
 
 
 def test_hostile_group_names_and_errors_stay_escaped(
-    client_for, ines, course, dave, make_public_key, make_vm
+    client_for, ines, course, dave, make_group, make_vm
 ):
-    group = group_register(
-        course=course,
-        by=dave,
-        name="<script>alert(1)</script>",
-        member_usernames=[],
-        project_title="x",
-        project_idea="x",
-        ssh_public_key=make_public_key("evil"),
-    )
+    group = make_group(course=course, by=dave, name="<script>alert(1)</script>")
     vm = make_vm(group, observed_state=ObservedState.SHUTOFF)
     Operation.objects.create(
         vm=vm, kind="start", status="failed", error="<img src=x onerror=alert(1)>"
@@ -284,18 +275,10 @@ def test_selected_with_no_group_ticked_is_refused(client_for, ines, course, lab)
 
 
 def test_a_group_of_another_course_in_the_form_is_refused_whole(
-    client_for, ines, course, other_course, lab, group_a, make_student, make_public_key, make_vm
+    client_for, ines, course, other_course, lab, group_a, make_student, make_group, make_vm
 ):
     erin = make_student("erin", in_course=other_course)
-    echo = group_register(
-        course=other_course,
-        by=erin,
-        name="Echo",
-        member_usernames=[],
-        project_title="x",
-        project_idea="x",
-        ssh_public_key=make_public_key("echo"),
-    )
+    echo = make_group(course=other_course, by=erin, name="Echo")
     make_vm(echo)
     response = client_for(ines).post(
         bulk_url(course), {"kind": "stop", "scope": "selected", "groups": [group_a.pk, echo.pk]}

@@ -5,7 +5,6 @@ import pytest
 from labs import tasks
 from labs.choices import ObservedState
 from labs.models import Operation
-from labs.services.groups import group_register
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -26,16 +25,8 @@ def sent(monkeypatch):
 
 
 @pytest.fixture
-def three_groups(course, group_a, group_b, dave, make_public_key, make_vm):
-    group_c = group_register(
-        course=course,
-        by=dave,
-        name="Charlie",
-        member_usernames=[],
-        project_title="A scheduler",
-        project_idea="Lottery scheduling.",
-        ssh_public_key=make_public_key("charlie"),
-    )
+def three_groups(course, group_a, group_b, dave, make_group, make_vm):
+    group_c = make_group(course=course, by=dave, name="Charlie")
     make_vm(group_a, name="vm1")
     make_vm(group_a, name="vm2", observed_state=ObservedState.SHUTOFF)
     make_vm(group_b, name="vm1")

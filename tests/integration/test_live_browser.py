@@ -17,7 +17,7 @@ from django.db import connections
 
 from labs.choices import GroupStatus, OperationKind
 from labs.models import Group, Membership, Operation, Vm
-from labs.services.groups import group_approve, group_register, membership_group_set
+from labs.services.groups import group_approve, membership_group_set
 from labs.services.vms import vm_operation_request
 
 from ..e2e.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
@@ -59,7 +59,8 @@ def test_a_teammates_page_follows_live_catches_up_after_a_restart_other_groups_h
     worker,
     asgi_server,
     server_channels,
-    make_public_key,
+    group_a,
+    make_group,
     monkeypatch,
 ):
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # ORM beside Playwright's loop
@@ -67,26 +68,10 @@ def test_a_teammates_page_follows_live_catches_up_after_a_restart_other_groups_h
     for user in (alice, bob, carol):
         user.set_password(password)
         user.save()
-    alpha = group_register(
-        course=course,
-        by=alice,
-        name="Alpha",
-        member_usernames=["bob"],
-        project_title="A tiny shell",
-        project_idea="We write a POSIX shell.",
-        ssh_public_key=make_public_key("alpha"),
-    )
+    alpha = group_a
     # Carol's group is approved without a VM of its own: a second guest would double the
     # test's time on two cores, and her page listens all the same.
-    charlie = group_register(
-        course=course,
-        by=carol,
-        name="Charlie",
-        member_usernames=[],
-        project_title="A file system",
-        project_idea="FUSE.",
-        ssh_public_key=make_public_key("charlie"),
-    )
+    charlie = make_group(course=course, by=carol, name="Charlie")
     Group.objects.filter(pk=charlie.pk).update(status=GroupStatus.APPROVED)
 
     from playwright.sync_api import sync_playwright

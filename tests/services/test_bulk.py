@@ -8,23 +8,14 @@ from labs.choices import GroupStatus, ObservedState, OperationStatus, Role
 from labs.models import Group, Operation
 from labs.services import bulk
 from labs.services.bulk import vms_bulk_request
-from labs.services.groups import group_register
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def echo(other_course, make_student, make_public_key):
+def echo(other_course, make_student, make_group):
     erin = make_student("erin", in_course=other_course)
-    return group_register(
-        course=other_course,
-        by=erin,
-        name="Echo",
-        member_usernames=[],
-        project_title="A router",
-        project_idea="Packets.",
-        ssh_public_key=make_public_key("echo"),
-    )
+    return make_group(course=other_course, by=erin, name="Echo")
 
 
 def ops():
