@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/boot_image.py [--image-dir DIR] [--boots N] [--keep-console DIR]
 
-Builds the image first if it is missing (needs root; see labs/services/images.py). Each boot
+Builds the image first if it is missing (needs root; see labs/tooling/images.py). Each boot
 gets a fresh qcow2 overlay on the read-only base and a NoCloud seed ISO that creates the user
 ``student`` with a throwaway key. The guest's only network is QEMU's user-mode stack with
 ``restrict=on`` and one forward from a free 127.0.0.1 port to its SSH port.
@@ -27,7 +27,7 @@ import pycdlib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labs.services.images import image_build  # noqa: E402
+from labs.tooling.images import image_build  # noqa: E402
 
 DEFAULT_IMAGE_DIR = Path(os.environ.get("STRATUS_IMAGE_DIR", "/var/lib/stratus/images"))
 SSH_OPTIONS = [

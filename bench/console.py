@@ -579,7 +579,7 @@ def run(args, tmp: Path) -> list[Row]:
     sys.path.insert(0, str(ROOT))
     cast = setup_database(sink_port)
 
-    from labs.services import consoles
+    from labs.consoles import tickets as consoles
 
     WsConn.cookie = f"sessionid={cast['session_key']}"
     WsConn.prefix = consoles.SUBPROTOCOL_PREFIX

@@ -47,9 +47,9 @@ def main() -> None:
         from django.db import connection
         from django.test.utils import CaptureQueriesContext
 
-        from labs.services import mail as mail_service
-        from labs.services.courses import course_create
-        from labs.services.roster import roster_import
+        from labs.people import mail as mail_service
+        from labs.people.courses import course_create
+        from labs.people.roster import roster_import
 
         # Time the invitations apart: building 1,000 MIME messages is Python's email
         # package at work, not the import.

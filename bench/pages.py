@@ -49,8 +49,20 @@ def _setup_django(db_env: dict[str, str]) -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0, skip_checks=True)
-    # DEBUG off serves the collected, hashed files (as the Dockerfile does at build time).
-    call_command("collectstatic", interactive=False, verbosity=0)
+    _collect_static()
+
+
+def _collect_static() -> None:
+    """The server runs with DEBUG off and serves the collected, hashed files with their
+    manifest (as the Dockerfile collects them at build time). Collecting in this process,
+    whose DEBUG is on, would use the development storage and write no manifest: every page
+    would then fail ("Missing staticfiles manifest entry"). So collect as the server will."""
+    subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--no-input", "-v", "0"],
+        cwd=ROOT,
+        env={**_server_env({}), "DJANGO_SETTINGS_MODULE": "portal.settings"},
+        check=True,
+    )
 
 
 def seed(first: int, count: int):
@@ -235,11 +247,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def serve(db_env: dict[str, str], workers: int, log: Path) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
+def _server_env(db_env: dict[str, str]) -> dict[str, str]:
+    """The environment of the server under test: production settings on loopback."""
+    return {
         **os.environ,
         **db_env,
         "DJANGO_SETTINGS_MODULE": "portal.settings",
@@ -252,6 +262,13 @@ def serve(db_env: dict[str, str], workers: int, log: Path) -> tuple[subprocess.P
         "SECURE_HSTS_SECONDS": "0",
         "LOG_LEVEL": "WARNING",
     }
+
+
+def serve(db_env: dict[str, str], workers: int, log: Path) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _server_env(db_env)
     command = [
         sys.executable,
         "-m",

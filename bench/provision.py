@@ -81,9 +81,9 @@ def forget_pool(path: Path) -> None:
 def bench(n: int, image_path: Path, storage: Path, tmp: str, *, keep_running: bool) -> None:
     from django.contrib.auth import get_user_model
 
-    from labs.models import Course, Host, Image, Membership, Operation, VmTemplate
-    from labs.services import vms
-    from labs.services.groups import group_approve, group_register
+    from labs.compute import requests, runner
+    from labs.models import Course, Host, Image, Membership, Operation, Vm, VmTemplate
+    from labs.people.groups import group_approve, group_register
 
     User = get_user_model()
     course = Course.objects.create(slug="bench", title="Bench", max_group_size=1)
@@ -123,21 +123,23 @@ def bench(n: int, image_path: Path, storage: Path, tmp: str, *, keep_running: bo
             started = time.perf_counter()
             group_approve(group=group, by=staff)
             op = Operation.objects.get(vm__group=group, kind="provision")
-            outcome = vms.operation_run(operation_id=op.pk, worker="bench/1", may_retry=False)
+            outcome = runner.operation_run(operation_id=op.pk, worker="bench/1", may_retry=False)
             elapsed = time.perf_counter() - started
             vm_ids.append(op.vm_id)
             if outcome.status != "succeeded":
                 raise SystemExit(f"provision failed: {outcome.error}")
             seconds.append(elapsed)
             if not keep_running:
-                stop = vms.vm_operation_request(vm=op.vm, kind="force_off", by=staff)
-                vms.operation_run(operation_id=stop.pk, worker="bench/1", may_retry=False)
+                stop = requests.vm_operation_request(vm=op.vm, kind="force_off", by=staff)
+                runner.operation_run(operation_id=stop.pk, worker="bench/1", may_retry=False)
             label = "first VM (cold connection, pool)" if i == 0 else f"VM {i:2d}"
             print(f"{label:34s} approval → running {elapsed * 1000:7.0f} ms")
     finally:
         for vm_id in vm_ids:
-            op = vms.vm_operation_request(vm=vms.Vm.objects.get(pk=vm_id), kind="delete", by=staff)
-            vms.operation_run(operation_id=op.pk, worker="bench/1", may_retry=False)
+            op = requests.vm_operation_request(
+                vm=Vm.objects.get(pk=vm_id), kind="delete", by=staff
+            )
+            runner.operation_run(operation_id=op.pk, worker="bench/1", may_retry=False)
     rest = seconds[1:]
     print(f"\n1 VM (the first):  {seconds[0]:.2f} s")
     if rest:

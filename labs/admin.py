@@ -6,33 +6,33 @@ groups through the approve/reject actions; everything else stays with superusers
 """
 
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.template.response import TemplateResponse
 
-from labs import selectors
+from labs import access
+from labs.compute.placement import host_usage
+from labs.errors import StratusError, message_of
 from labs.forms import RejectForm
 from labs.models import Course, Group, Host, Image, Membership, Operation, Snapshot, Vm, VmTemplate
-from labs.services import groups as group_services
-from labs.services import vms as vm_services
+from labs.people import groups as group_services
 
 
 def _is_course_staff(request) -> bool:
-    user = request.user
-    return user.is_active and user.is_staff and selectors.courses_staffed_by(user=user).exists()
+    """Staff of at least one course (the access policy's one definition); Django's admin
+    site has already required ``is_staff`` to let the user in at all."""
+    return access.is_staff_anywhere(user=request.user)
 
 
 class CourseScopedAdmin(admin.ModelAdmin):
-    """Read access for a course's staff to rows of the courses they teach."""
-
-    course_path = "course"
+    """Read access for a course's staff to rows of the courses they teach (the rows come
+    through ``access.restrict``)."""
 
     def get_queryset(self, request):
         qs = super().get_queryset(request)
         if request.user.is_superuser:
             return qs
-        staffed = selectors.courses_staffed_by(user=request.user)
-        return qs.filter(**{f"{self.course_path}__in": staffed})
+        return access.restrict(qs, user=request.user, action=access.Action.REVIEW)
 
     def has_module_permission(self, request):
         return request.user.is_superuser or _is_course_staff(request)
@@ -52,7 +52,6 @@ class CourseScopedAdmin(admin.ModelAdmin):
 
 @admin.register(Course)
 class CourseAdmin(CourseScopedAdmin):
-    course_path = "pk"
     list_display = ["slug", "title", "term", "max_group_size", "signup_open", "group_count"]
     search_fields = ["slug", "title", "term"]
     prepopulated_fields = {"slug": ["title"]}
@@ -211,9 +210,10 @@ class GroupAdmin(CourseScopedAdmin):
         for group in queryset.select_related("course"):
             try:
                 review(group=group, by=request.user, note=note)
-            except (ValidationError, PermissionDenied) as error:
-                text = " ".join(getattr(error, "messages", [str(error)]))
-                self.message_user(request, f"{group.name}: {text}", level=messages.ERROR)
+            except (ValidationError, StratusError) as error:
+                self.message_user(
+                    request, f"{group.name}: {message_of(error)}", level=messages.ERROR
+                )
             else:
                 done += 1
         return done
@@ -228,8 +228,9 @@ class HostAdmin(admin.ModelAdmin):
 
     @admin.display(description="used / available (vCPU, MiB, GiB)")
     def usage(self, obj):
-        cap = vm_services.host_capacity(host=obj)
-        return ", ".join(f"{used}/{available}" for used, available in cap.values())
+        usage = host_usage(host=obj)
+        parts = (usage.vcpus, usage.memory_mib, usage.disk_gib)
+        return ", ".join(f"{used}/{available}" for used, available in parts)
 
 
 @admin.register(Image)
@@ -261,7 +262,6 @@ class OperationInline(admin.TabularInline):
 
 @admin.register(Vm)
 class VmAdmin(CourseScopedAdmin):
-    course_path = "group__course"
     list_display = [
         "__str__",
         "host",
@@ -286,7 +286,6 @@ class VmAdmin(CourseScopedAdmin):
 
 @admin.register(Operation)
 class OperationAdmin(CourseScopedAdmin):
-    course_path = "vm__group__course"
     list_display = ["created_at", "vm", "kind", "status", "requested_by", "progress", "error"]
     list_filter = ["status", "kind", ("vm__group__course", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["vm__name", "vm__group__name", "requested_by__username"]
@@ -299,6 +298,5 @@ class OperationAdmin(CourseScopedAdmin):
 
 @admin.register(Snapshot)
 class SnapshotAdmin(CourseScopedAdmin):
-    course_path = "vm__group__course"
     list_display = ["name", "vm", "with_memory", "created_by", "created_at"]
     list_select_related = ["vm__group", "created_by"]

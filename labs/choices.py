@@ -22,6 +22,10 @@ class VirtType(models.TextChoices):
     QEMU = "qemu", "QEMU (TCG, no acceleration)"
 
 
+class DriverKind(models.TextChoices):
+    LIBVIRT = "libvirt", "libvirt (QEMU/KVM)"
+
+
 class NetworkMode(models.TextChoices):
     USER = "user", "User-mode (SSH forwarded on the host's loopback)"
     BRIDGE = "bridge", "Bridge (production: guest on a host bridge)"
@@ -50,6 +54,8 @@ class OperationKind(models.TextChoices):
     STOP = "stop", "Shut down"
     REBOOT = "reboot", "Reboot"
     FORCE_OFF = "force_off", "Force off"
+    SUSPEND = "suspend", "Suspend"
+    RESUME = "resume", "Resume"
     SNAPSHOT = "snapshot", "Snapshot"
     REVERT = "revert", "Revert to snapshot"
     SNAPSHOT_DELETE = "snapshot_delete", "Delete snapshot"

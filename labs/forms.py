@@ -1,5 +1,6 @@
 from django import forms
 
+from labs.compute import kinds
 from labs.models import Group
 
 KEY_HELP = (
@@ -62,22 +63,20 @@ class RejectForm(forms.Form):
 class BulkActionForm(forms.Form):
     """The course overview's bulk action: one operation on the VMs of all or some groups.
 
-    ``groups`` are the course's approved groups (the only choices accepted).
+    ``groups`` are the course's approved groups (the only choices accepted); the actions
+    are the catalogue's bulk kinds, and one that destroys data needs the confirmation.
     """
 
-    KINDS = [
-        ("start", "Start"),
-        ("stop", "Shut down"),
-        ("snapshot", "Snapshot"),
-        ("reset", "Reset to baseline"),
-    ]
     SCOPES = [("selected", "The groups selected below"), ("all", "All approved groups")]
 
     kind = forms.ChoiceField(
-        label="Action", choices=KINDS, error_messages={"required": "Choose an action."}
+        label="Action",
+        choices=lambda: [(k.kind, k.label) for k in kinds.bulk_kinds()],
+        error_messages={"required": "Choose an action."},
     )
     scope = forms.ChoiceField(choices=SCOPES, initial="selected")
     groups = forms.TypedMultipleChoiceField(coerce=int, required=False)
+    # Named for the one bulk kind that destroys data today; it confirms any such kind.
     confirm_reset = forms.BooleanField(
         required=False,
         label="I understand: reset erases the disks and snapshots of these VMs.",
@@ -89,9 +88,11 @@ class BulkActionForm(forms.Form):
 
     def clean(self):
         data = super().clean()
-        if data.get("kind") == "reset" and not data.get("confirm_reset"):
+        entry = kinds.kind_of(data.get("kind") or "")
+        if entry is not None and entry.destroys and not data.get("confirm_reset"):
             self.add_error(
-                "confirm_reset", "Reset erases the VMs' disks: tick the box to confirm it."
+                "confirm_reset",
+                f"{entry.label} erases the VMs' disks: tick the box to confirm it.",
             )
         if data.get("scope") == "selected" and "groups" in data and not data["groups"]:
             self.add_error("groups", "Select at least one group, or choose all approved groups.")

@@ -10,6 +10,7 @@ from labs.choices import (
     ACTIVE_OPERATION_STATUSES,
     STAFF_ROLES,
     DesiredState,
+    DriverKind,
     GroupStatus,
     NetworkMode,
     ObservedState,
@@ -164,9 +165,15 @@ class Membership(models.Model):
 
 
 class Host(models.Model):
-    """A libvirt hypervisor. Its worker consumes the Celery queue ``host.<name>``."""
+    """A hypervisor host. Its worker consumes the Celery queue ``host.<name>``."""
 
     name = models.SlugField(max_length=40, unique=True)
+    driver = models.CharField(
+        max_length=16,
+        choices=DriverKind.choices,
+        default=DriverKind.LIBVIRT,
+        help_text="Which driver talks to this host (labs/drivers/registry.py).",
+    )
     uri = models.CharField(
         "libvirt URI", max_length=300, help_text="qemu:///system, or qemu+ssh://host/system"
     )
@@ -257,6 +264,12 @@ class VmTemplate(models.Model):
         return f"VM template of {self.course.slug}"
 
 
+class VmQuerySet(models.QuerySet):
+    def live(self) -> "VmQuerySet":
+        """VMs that are not deleted (a deleted VM keeps its row for the audit trail)."""
+        return self.exclude(desired_state=DesiredState.DELETED)
+
+
 class Vm(models.Model):
     group = models.ForeignKey(Group, on_delete=models.PROTECT, related_name="vms")
     name = models.CharField(max_length=40)
@@ -285,6 +298,8 @@ class Vm(models.Model):
     vnc_socket = models.CharField(max_length=300, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = VmQuerySet.as_manager()
 
     class Meta:
         ordering = ["group", "name"]

@@ -1,6 +1,6 @@
-"""Reads, always scoped to what the asking user may see.
+"""Reads, always through the access policy (``labs.access``).
 
-A group or course the user may not see is a 404, never a 403: the page must not even
+A group, VM or course the user may not see is a 404, never a 403: the page must not even
 confirm that it exists.
 """
 
@@ -9,31 +9,20 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import (
-    Count,
-    Exists,
-    OuterRef,
-    Prefetch,
-    Q,
-    QuerySet,
-    Subquery,
-    Sum,
-    Value,
-)
-from django.db.models.functions import Coalesce
+from django.db.models import Exists, OuterRef, Prefetch, QuerySet, Subquery
 from django.http import Http404
 
+from labs import access
+from labs.access import Action
 from labs.choices import (
     ACTIVE_OPERATION_STATUSES,
-    STAFF_ROLES,
-    DesiredState,
     GroupStatus,
     ObservedState,
     OperationKind,
     OperationStatus,
-    Role,
 )
-from labs.models import Course, Group, Host, Membership, Operation, Vm
+from labs.compute.placement import HostUsage, host_usages
+from labs.models import Course, Group, Membership, Operation, Vm
 
 
 def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
@@ -41,62 +30,29 @@ def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
     return Membership.objects.filter(user=user).select_related("course", "group")
 
 
-def courses_staffed_by(*, user: AbstractBaseUser) -> QuerySet[Course]:
-    """Courses where the user is an instructor or TA (every course for a superuser)."""
-    if user.is_superuser:
-        return Course.objects.all()
-    return Course.objects.filter(
-        memberships__user=user, memberships__role__in=STAFF_ROLES
-    ).distinct()
-
-
-def user_is_course_staff(*, user: AbstractBaseUser, course: Course) -> bool:
-    if not user.is_authenticated:
-        return False
-    if user.is_superuser:
-        return True
-    return Membership.objects.filter(user=user, course=course, role__in=STAFF_ROLES).exists()
-
-
-def groups_visible_to(*, user: AbstractBaseUser) -> QuerySet[Group]:
-    """Groups the user belongs to, plus every group of the courses they teach."""
-    if not user.is_authenticated:
-        return Group.objects.none()
-    if user.is_superuser:
-        return Group.objects.all()
-    staffed = courses_staffed_by(user=user)
-    return Group.objects.filter(Q(memberships__user=user) | Q(course__in=staffed)).distinct()
-
-
 def group_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:
-    """One group with its members, if the user is a member or course staff; else 404."""
+    """One group with its members, if the user may view it (a member, course staff);
+    else 404."""
     members = Prefetch(
         "memberships",
         queryset=Membership.objects.select_related("user").order_by("user__username"),
     )
     group = (
-        Group.objects.select_related("course", "reviewed_by")
+        access.restrict(Group.objects.all(), user=user, action=Action.VIEW)
+        .select_related("course", "reviewed_by")
         .prefetch_related(members)
         .filter(pk=group_id)
         .first()
     )
-    if group is None or not user.is_authenticated:
+    if group is None:
         raise Http404("No such group.")
-    if any(m.user_id == user.pk for m in group.memberships.all()):
-        return group
-    if user_is_course_staff(user=user, course=group.course):
-        return group
-    raise Http404("No such group.")
+    return group
 
 
 def group_for_member(*, user: AbstractBaseUser, group_id: int) -> Group:
     """One group the user is a student member of (to change it); else 404."""
-    group = (
-        Group.objects.select_related("course")
-        .filter(pk=group_id, memberships__user=user, memberships__role=Role.STUDENT)
-        .first()
-    )
-    if group is None:
+    group = Group.objects.select_related("course").filter(pk=group_id).first()
+    if group is None or not access.is_member(user=user, group=group):
         raise Http404("No such group.")
     return group
 
@@ -114,20 +70,16 @@ def course_membership(*, user: AbstractBaseUser, slug: str) -> Membership:
 
 
 def vm_for_user(*, user: AbstractBaseUser, vm_id: int) -> Vm:
-    """A live VM of a group the user is a member of, or of a course they teach; else 404."""
+    """A live VM the user may view (its group's member, course staff); else 404."""
     vm = (
-        Vm.objects.select_related("group__course", "host", "image")
-        .exclude(desired_state=DesiredState.DELETED)
+        access.restrict(Vm.objects.live(), user=user, action=Action.VIEW)
+        .select_related("group__course", "host", "image")
         .filter(pk=vm_id)
         .first()
     )
-    if vm is None or not user.is_authenticated:
+    if vm is None:
         raise Http404("No such VM.")
-    if Membership.objects.filter(user=user, group=vm.group_id).exists():
-        return vm
-    if user_is_course_staff(user=user, course=vm.group.course):
-        return vm
-    raise Http404("No such VM.")
+    return vm
 
 
 def vms_of_group(*, group: Group) -> list[Vm]:
@@ -142,7 +94,7 @@ def vms_of_group(*, group: Group) -> list[Vm]:
         to_attr="active_operations",
     )
     return list(
-        group.vms.exclude(desired_state=DesiredState.DELETED)
+        group.vms.live()
         .select_related("host", "image")
         .prefetch_related("snapshots", active)
         .order_by("name")
@@ -161,13 +113,9 @@ def operations_of_group(*, group: Group, limit: int = 30) -> list[Operation]:
 
 
 def course_for_staff(*, user: AbstractBaseUser, slug: str) -> Course:
-    """The course with this slug if the user teaches it (or is a superuser); else 404."""
-    if not user.is_authenticated:
-        raise Http404("No such course.")
-    courses = Course.objects.filter(slug=slug)
-    if not user.is_superuser:
-        courses = courses.filter(memberships__user=user, memberships__role__in=STAFF_ROLES)
-    course = courses.first()
+    """The course with this slug if the user staffs it (or is a superuser); else 404."""
+    course = access.restrict(Course.objects.filter(slug=slug), user=user, action=Action.REVIEW)
+    course = course.first()
     if course is None:
         raise Http404("No such course.")
     return course
@@ -177,65 +125,6 @@ def groups_of_course(*, course: Course, status: str | None = None) -> QuerySet[G
     """The course's groups (of one status), by name. For course staff only."""
     groups = Group.objects.filter(course=course).order_by("name")
     return groups if status is None else groups.filter(status=status)
-
-
-@dataclass(frozen=True)
-class HostUsage:
-    """What a host's live VMs take, against its capacity with overcommit (as placement)."""
-
-    host: Host
-    vcpus: tuple[int, int]  # (used, capacity)
-    memory_mib: tuple[int, int]
-    disk_gib: tuple[int, int]
-    course_vms: int  # live VMs of the course asked about
-
-    @property
-    def free(self) -> dict[str, int]:
-        return {
-            "vcpus": self.vcpus[1] - self.vcpus[0],
-            "memory_mib": self.memory_mib[1] - self.memory_mib[0],
-            "disk_gib": self.disk_gib[1] - self.disk_gib[0],
-        }
-
-    @property
-    def is_full(self) -> bool:
-        return any(free <= 0 for free in self.free.values())
-
-
-_LIVE_STATES = [s for s in DesiredState.values if s != DesiredState.DELETED]
-
-
-def host_usages(*, course: Course | None = None) -> list[HostUsage]:
-    """Every host's usage in one grouped query (``vms.host_capacity`` asks once per host).
-
-    With a course: the enabled hosts and the hosts holding any live VM of the course.
-    """
-    live = Q(vms__desired_state__in=_LIVE_STATES)
-    hosts = Host.objects.annotate(
-        used_vcpus=Coalesce(Sum("vms__vcpus", filter=live), 0),
-        used_memory_mib=Coalesce(Sum("vms__memory_mib", filter=live), 0),
-        used_disk_gib=Coalesce(Sum("vms__disk_gib", filter=live), 0),
-        course_vms=Count("vms", filter=live & Q(vms__group__course=course))
-        if course is not None
-        else Value(0),
-    ).order_by("name")
-    if course is not None:
-        holding = (
-            Vm.objects.filter(group__course=course, host__isnull=False)
-            .exclude(desired_state=DesiredState.DELETED)
-            .values("host_id")
-        )
-        hosts = hosts.filter(Q(enabled=True) | Q(pk__in=holding))
-    return [
-        HostUsage(
-            host=host,
-            vcpus=(host.used_vcpus, int(host.vcpus * host.cpu_overcommit)),
-            memory_mib=(host.used_memory_mib, int(host.memory_mib * host.memory_overcommit)),
-            disk_gib=(host.used_disk_gib, int(host.disk_gib * host.disk_overcommit)),
-            course_vms=host.course_vms,
-        )
-        for host in hosts
-    ]
 
 
 @dataclass(frozen=True)
@@ -301,7 +190,7 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
     last operation by subquery), members, live VMs, operations in progress, the failures
     still standing, the newest operations and hosts (one grouped query). Rows are read as
     values, not model instances: the page is a hot one (every live update of every open
-    overview).
+    overview). It stays one function so that the query count can be read off it.
     """
     last_op = Operation.objects.filter(vm__group=OuterRef("pk")).order_by("-created_at", "-pk")
     groups = (
@@ -329,8 +218,8 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
     vms: dict[int, list[OverviewVm]] = defaultdict(list)
     vm_tally: Counter[str] = Counter()
     for pk, group_id, name, state in (
-        Vm.objects.filter(group__course=course)
-        .exclude(desired_state=DesiredState.DELETED)
+        Vm.objects.live()
+        .filter(group__course=course)
         .order_by("name", "pk")
         .values_list("pk", "group_id", "name", "observed_state")
     ):

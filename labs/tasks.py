@@ -1,4 +1,6 @@
-"""Celery tasks: thin. Take an id, let a service claim and run it, retry transient errors."""
+"""Celery entry points, and nothing else: take an id, let the runner claim and run it,
+retry transient errors. Services are imported inside the entry points; the queue is
+chosen by ``labs.compute.dispatch.route_task`` (settings.CELERY_TASK_ROUTES)."""
 
 import logging
 import os
@@ -9,26 +11,10 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError
 
-from labs.models import Operation
-from labs.services import vms
-
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 5
-OPERATION_TASK = "labs.tasks.operation_run_task"
-
-
-def route_task(name, args, kwargs, options, task=None, **kw):
-    """Send each VM operation to its host's queue (host.<name>); the rest to default."""
-    if name == OPERATION_TASK and args:
-        from labs.models import Operation
-
-        host = (
-            Operation.objects.filter(pk=args[0]).values_list("vm__host__name", flat=True).first()
-        )
-        if host:
-            return {"queue": f"host.{host}"}
-    return {"queue": "default"}
+OPERATION_TASK = "labs.tasks.operation_run_task"  # labs.compute.dispatch sends it by name
 
 
 # Made once per worker start, before the pool forks, so every child of one worker shares
@@ -42,9 +28,11 @@ def _worker_id(hostname: str | None) -> str:
 
 @shared_task(bind=True, name=OPERATION_TASK, acks_late=True, max_retries=MAX_RETRIES)
 def operation_run_task(self, operation_id: int) -> str:
+    from labs.compute import runner
+
     started = time.monotonic()
     try:
-        outcome = vms.operation_run(
+        outcome = runner.operation_run(
             operation_id=operation_id,
             worker=_worker_id(self.request.hostname),
             may_retry=self.request.retries < self.max_retries,
@@ -65,6 +53,8 @@ def _log_operation_run(operation_id: int, status: str, started: float) -> None:
     The error is the student-facing message the row holds (no secrets); a run that
     crashed has its traceback logged by the service just before.
     """
+    from labs.models import Operation
+
     try:
         row = (
             Operation.objects.filter(pk=operation_id)
@@ -96,7 +86,9 @@ def _log_operation_run(operation_id: int, status: str, started: float) -> None:
 
 @shared_task(name="labs.tasks.reconcile_all", acks_late=True)
 def reconcile_all() -> str:
-    placed, reports = vms.reconcile_all()
+    from labs.compute import reconcile
+
+    placed, reports = reconcile.reconcile_all()
     return (
         "; ".join(
             f"{r.host}: {'ok' if r.reachable else 'unreachable'}, drift {len(r.drift or [])}"
@@ -109,7 +101,11 @@ def reconcile_all() -> str:
 @worker_ready.connect
 def recover_orphans(sender=None, **kwargs):
     """A worker that starts re-queues what a killed worker of the same node left running."""
+    from labs.compute import dispatch, runner
+
     node = getattr(sender, "hostname", None) or socket.gethostname()
-    for op_id in vms.operations_recover(worker_prefix=f"{node}/", alive_worker=_worker_id(node)):
+    for op_id in runner.operations_recover(
+        worker_prefix=f"{node}/", alive_worker=_worker_id(node)
+    ):
         log.warning("re-queueing operation %s left running by a killed worker", op_id)
-        vms.operation_enqueue(operation_id=op_id)
+        dispatch.operation_send(operation_id=op_id)

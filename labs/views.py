@@ -1,3 +1,7 @@
+"""Pages and form posts. Each view parses input, asks the access policy (through a
+selector or ``labs.access``), calls one service and maps its refusal once
+(``say_refusal``, ``form_refusal``)."""
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -8,13 +12,28 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
-from labs import selectors
-from labs.choices import GroupStatus, ObservedState, OperationKind, Role
+from labs import access, selectors
+from labs.access import Action
+from labs.choices import GroupStatus, ObservedState, Role
+from labs.compute import bulk as bulk_services
+from labs.compute import kinds, quotas, requests
+from labs.consoles import rules, tickets
+from labs.errors import StratusError, message_of
 from labs.forms import BulkActionForm, GroupEditForm, GroupKeyForm, GroupSignupForm
-from labs.services import bulk as bulk_services
-from labs.services import consoles
-from labs.services import groups as group_services
-from labs.services import vms as vm_services
+from labs.people import groups as group_services
+
+
+def say_refusal(request, error: Exception) -> None:
+    """A service's refusal as the flash message the next page shows."""
+    messages.error(request, message_of(error))
+
+
+def form_refusal(form, error: Exception) -> None:
+    """A service's refusal on the form that asked: field errors where they belong."""
+    if isinstance(error, StratusError):
+        form.add_error(None, error.message)
+    else:
+        form.add_error(None, error)
 
 
 @login_required
@@ -44,8 +63,8 @@ def group_signup(request, slug: str):
                 project_idea=data["project_idea"],
                 ssh_public_key=data["ssh_public_key"],
             )
-        except ValidationError as error:
-            form.add_error(None, error)
+        except (ValidationError, StratusError) as error:
+            form_refusal(form, error)
         else:
             messages.success(request, "Your group is signed up and waits for review.")
             return redirect("labs:group_detail", group_id=group.pk)
@@ -61,11 +80,20 @@ def group_detail(request, group_id: int):
     group = selectors.group_for_viewer(user=request.user, group_id=group_id)
     members = list(group.memberships.all())
     is_member = any(m.user_id == request.user.pk for m in members)
-    context = {"group": group, "members": members, "is_member": is_member}
+    context = {
+        "group": group,
+        "members": members,
+        "is_member": is_member,
+        "can_observe": access.may(request.user, Action.OBSERVE, group),
+    }
     if group.status == GroupStatus.APPROVED:
         vms = selectors.vms_of_group(group=group)
-        quota = vm_services.group_quota(group=group)
-        usage = vm_services.group_usage(group=group, vms=vms)
+        for vm in vms:  # the buttons each VM offers now, from the catalogue
+            vm.card_kinds = kinds.on_vm_card(vm)
+            vm.snapshot_kinds = kinds.on_snapshot_row(vm)
+            vm.takes_snapshots = kinds.takes_snapshots(vm)
+        quota = quotas.group_quota(group=group)
+        usage = quotas.group_usage(group=group, vms=vms)
         context.update(
             vms=vms,
             operations=selectors.operations_of_group(group=group),
@@ -110,8 +138,8 @@ def group_edit(request, group_id: int):
                 project_title=form.cleaned_data["project_title"],
                 project_idea=form.cleaned_data["project_idea"],
             )
-        except ValidationError as error:
-            form.add_error(None, error)
+        except (ValidationError, StratusError) as error:
+            form_refusal(form, error)
         else:
             messages.success(
                 request, "Saved and resubmitted for review." if was_rejected else "Saved."
@@ -131,8 +159,8 @@ def group_key(request, group_id: int):
             group_services.group_key_replace(
                 group=group, by=request.user, ssh_public_key=form.cleaned_data["ssh_public_key"]
             )
-        except ValidationError as error:
-            form.add_error(None, error)
+        except (ValidationError, StratusError) as error:
+            form_refusal(form, error)
         else:
             messages.success(
                 request,
@@ -149,9 +177,9 @@ def group_key(request, group_id: int):
 def vm_add(request, group_id: int):
     group = selectors.group_for_viewer(user=request.user, group_id=group_id)
     try:
-        vm = vm_services.vm_create(group=group, by=request.user)
-    except ValidationError as error:
-        messages.error(request, " ".join(error.messages))
+        vm = requests.vm_create(group=group, by=request.user)
+    except StratusError as error:
+        say_refusal(request, error)
     else:
         messages.success(request, f"{vm.name} is being created.")
     return redirect("labs:group_detail", group_id=group.pk)
@@ -161,17 +189,16 @@ def vm_add(request, group_id: int):
 @require_POST
 def vm_operation(request, vm_id: int, kind: str):
     vm = selectors.vm_for_user(user=request.user, vm_id=vm_id)
-    if kind not in OperationKind.values or kind == OperationKind.PROVISION:
+    entry = kinds.requestable(kind)
+    if entry is None:
         raise Http404("No such operation.")
+    # Only the kinds that take a snapshot name read one; the others take nothing.
+    takes_name = entry.params != kinds.Params.NONE
+    params = {"name": request.POST.get("name", "")} if takes_name else {}
     try:
-        op = vm_services.vm_operation_request(
-            vm=vm,
-            kind=kind,
-            by=request.user,
-            params={"name": request.POST.get("name", "")},
-        )
-    except ValidationError as error:
-        messages.error(request, " ".join(error.messages))
+        op = requests.vm_operation_request(vm=vm, kind=kind, by=request.user, params=params)
+    except StratusError as error:
+        say_refusal(request, error)
     else:
         messages.success(request, f"{op.get_kind_display()} of {vm.name} is queued.")
     return redirect("labs:group_detail", group_id=vm.group_id)
@@ -180,18 +207,17 @@ def vm_operation(request, vm_id: int, kind: str):
 @login_required
 def vm_console(request, vm_id: int):
     vm = selectors.vm_for_user(user=request.user, vm_id=vm_id)
-    is_staff = selectors.user_is_course_staff(user=request.user, course=vm.group.course)
+    can_observe = access.may(request.user, Action.OBSERVE, vm)
+    view_only = can_observe and request.GET.get("mode") == "view"
+    config = rules.client_config(
+        vm=vm,
+        view_only=view_only,
+        ticket_url=reverse("labs:vm_console_ticket", args=[vm.pk]),
+    )
     return render(
         request,
         "labs/vm_console.html",
-        {
-            "vm": vm,
-            "can_observe": is_staff,
-            "view_only": is_staff and request.GET.get("mode") == "view",
-            "ticket_url": reverse("labs:vm_console_ticket", args=[vm.pk]),
-            "ws_path": f"/ws/vms/{vm.pk}/console/",
-            "subprotocol_prefix": consoles.SUBPROTOCOL_PREFIX,
-        },
+        {"vm": vm, "can_observe": can_observe, "view_only": view_only, "console": config},
     )
 
 
@@ -203,9 +229,9 @@ def vm_console_ticket(request, vm_id: int):
     if vm.observed_state != ObservedState.RUNNING:
         return JsonResponse({"error": f"{vm.name} is not running."}, status=409)
     view_only = request.POST.get("mode") == "view"
-    if view_only and not selectors.user_is_course_staff(user=request.user, course=vm.group.course):
+    if view_only and not access.may(request.user, Action.OBSERVE, vm):
         view_only = False  # observe mode is for course staff; members always drive
-    token = consoles.ticket_issue(
+    token = tickets.ticket_issue(
         user=request.user, vm=vm, session_key=request.session.session_key, view_only=view_only
     )
     response = JsonResponse(
@@ -235,7 +261,7 @@ def _overview_page(request, course, form: BulkActionForm, status: int = 200):
         "course": course,
         "overview": overview,
         "form": form,
-        "kinds": BulkActionForm.KINDS,
+        "kinds": form.fields["kind"].choices,
         "scopes": BulkActionForm.SCOPES,
         "chosen": {
             "kind": form["kind"].value() or "",
@@ -269,8 +295,8 @@ def course_bulk(request, slug: str):
             by=request.user,
             group_ids=form.group_ids,
         )
-    except ValidationError as error:
-        messages.error(request, " ".join(error.messages))
+    except StratusError as error:
+        say_refusal(request, error)
     else:
         (messages.success if result.queued else messages.error)(request, result.summary())
     return redirect("labs:course_overview", slug=course.slug)

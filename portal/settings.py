@@ -112,7 +112,7 @@ CHANNEL_LAYERS = {
     }
 }
 
-# Browser consoles (labs/services/consoles.py, labs/consumers.py).
+# Browser consoles (labs/consoles/tickets.py, labs/consumers.py).
 CONSOLE_TICKET_TTL = env_int("CONSOLE_TICKET_TTL", 30)  # seconds; at most 60
 CONSOLE_IDLE_TIMEOUT = env_int("CONSOLE_IDLE_TIMEOUT", 30 * 60)  # no input from the browser
 CONSOLE_MAX_SESSION = env_int("CONSOLE_MAX_SESSION", 8 * 3600)  # absolute limit
@@ -126,7 +126,7 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = ("labs.tasks.route_task",)
+CELERY_TASK_ROUTES = ("labs.compute.dispatch.route_task",)
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Workers and beat log through LOGGING below instead of Celery's own format.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install libvirt + QEMU and make sure libvirtd runs, WITHOUT libvirt's `default` NAT network.
-# Stratus guests here use QEMU user-mode networking only (see docs/networking.md).
+# Stratus guests here use QEMU user-mode networking only (see docs/hypervisor.md, "Networking").
 set -euo pipefail
 
 packages=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86

@@ -8,7 +8,7 @@ set -euo pipefail
 
 profile=${1:-run}
 packages=(ca-certificates make openssh-client
-          # building the base image (labs/services/images.py BUILD_PACKAGES)
+          # building the base image (labs/tooling/images.py BUILD_PACKAGES)
           mmdebstrap debian-archive-keyring qemu-utils e2fsprogs fdisk grub-common)
 case $profile in
   run) ;;

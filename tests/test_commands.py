@@ -15,7 +15,7 @@ from django.core.management import CommandError, call_command
 
 from labs.choices import GroupStatus, OperationKind, OperationStatus, Role
 from labs.models import Course, Group, Membership, Operation, Vm
-from labs.services.groups import group_register
+from labs.people.groups import group_register
 from tests.conftest import child_db_env
 
 User = get_user_model()

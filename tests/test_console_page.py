@@ -19,8 +19,8 @@ from django.test import Client
 from django.urls import reverse
 
 from labs.choices import ObservedState
+from labs.consoles import tickets as consoles
 from labs.models import Vm
-from labs.services import consoles
 
 pytestmark = pytest.mark.django_db
 

@@ -14,8 +14,9 @@ from django.test import Client
 from django.urls import reverse
 
 from labs.choices import OperationKind
+from labs.compute import requests
 from labs.models import Host, Operation, Snapshot
-from labs.services import mail, vms
+from labs.people import mail
 from labs.tasks import operation_run_task
 from portal.logging import JsonFormatter, TextFormatter, redact_path, scrub
 
@@ -211,7 +212,7 @@ def test_an_operation_run_writes_one_line_with_how_it_ended(
 ):
     vm = make_vm(group_a, host=test_driver_host)
     Snapshot.objects.create(vm=vm, name="before-lab", with_memory=False)
-    op = vms.vm_operation_request(
+    op = requests.vm_operation_request(
         vm=vm, kind=OperationKind.SNAPSHOT_DELETE, by=None, params={"name": "before-lab"}
     )
 
@@ -230,7 +231,7 @@ def test_a_failed_operation_run_logs_the_message_the_students_see(
     group_a, make_vm, test_driver_host, log_lines
 ):
     vm = make_vm(group_a, host=test_driver_host)
-    op = vms.vm_operation_request(vm=vm, kind=OperationKind.REBOOT, by=None)
+    op = requests.vm_operation_request(vm=vm, kind=OperationKind.REBOOT, by=None)
 
     operation_run_task.apply(args=[op.pk])
 

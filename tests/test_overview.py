@@ -365,8 +365,8 @@ def test_the_overview_costs_the_same_queries_for_1_and_for_20_groups(
 def test_host_usages_agree_with_placement_and_take_one_query(
     course, group_a, group_b, make_vm, django_assert_num_queries
 ):
+    from labs.compute.placement import host_usage
     from labs.selectors import host_usages
-    from labs.services.vms import host_capacity
 
     make_vm(group_a, name="vm1", vcpus=2, memory_mib=2048)
     make_vm(group_a, name="vm2", desired_state="deleted", observed_state="deleted")
@@ -380,10 +380,10 @@ def test_host_usages_agree_with_placement_and_take_one_query(
         usages = host_usages()
     assert [u.host.name for u in usages] == ["h1", "h2", "h3"]
     for usage in usages:
-        expected = host_capacity(host=usage.host)
+        expected = host_usage(host=usage.host)  # what placement decides with
         assert (usage.vcpus, usage.memory_mib, usage.disk_gib) == (
-            expected["vcpus"],
-            expected["memory_mib"],
-            expected["disk_gib"],
+            expected.vcpus,
+            expected.memory_mib,
+            expected.disk_gib,
         )
     assert [u.course_vms for u in host_usages(course=course)] == [1, 1, 0]

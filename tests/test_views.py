@@ -5,7 +5,7 @@ from django.urls import reverse
 
 from labs.choices import GroupStatus
 from labs.models import Group
-from labs.services.groups import group_approve, group_reject
+from labs.people.groups import group_approve, group_reject
 
 pytestmark = pytest.mark.django_db
 

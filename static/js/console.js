@@ -21,6 +21,8 @@ const pasteForm = document.getElementById("console-paste-form");
 const pasteText = document.getElementById("console-paste-text");
 const pasteButton = document.getElementById("console-paste-send");
 
+// The server's console contract (labs/consoles/rules.py client_config): where to get a
+// ticket, where to connect, how to offer the ticket, and what each close code means.
 const config = {
   ticketUrl: root.dataset.ticketUrl,
   wsPath: root.dataset.wsPath,
@@ -104,16 +106,8 @@ function websocketUrl() {
 
 // --- connection -----------------------------------------------------------------------
 
-// Close codes of the portal's consumer (labs/consumers.py) and the websockify proxy.
-const CLOSE_REASONS = {
-  1002: "the browser sent something the console does not accept",
-  1003: "the browser sent something the console does not accept",
-  1009: "a message was too large",
-  1011: "the console hit an error",
-  4001: "access ended (the VM stopped or changed, or your access changed)",
-  4002: "closed after a long time without input",
-  4003: "the session reached its time limit",
-};
+// What each close code means, as the server defines them (labs/consoles/rules.py).
+const CLOSE_REASONS = JSON.parse(document.getElementById("console-close-reasons").textContent);
 
 function closeMessage(clean, wasConnected) {
   const info = closeInfo || { code: 0, reason: "" };

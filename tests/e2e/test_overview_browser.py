@@ -2,8 +2,8 @@
 
 import pytest
 
-from labs import tasks
 from labs.choices import ObservedState
+from labs.compute import dispatch
 from labs.models import Operation
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -14,13 +14,7 @@ def sent(monkeypatch):
     """Operations the site hands to Celery: recorded here, never sent to a real broker
     (the live server runs in this process)."""
     ids = []
-
-    class Result:
-        id = ""
-
-    monkeypatch.setattr(
-        tasks.operation_run_task, "delay", lambda op_id: ids.append(op_id) or Result
-    )
+    monkeypatch.setattr(dispatch, "task_send", lambda op_id: ids.append(op_id) or "")
     return ids
 
 

@@ -331,7 +331,7 @@ def approve_new_group(course, *, by, reviewer, name, public_key, members=()):
     """Sign up a group and approve it: returns its VM and the provision operation."""
     from labs.choices import OperationKind
     from labs.models import Vm
-    from labs.services.groups import group_approve, group_register
+    from labs.people.groups import group_approve, group_register
 
     group = group_register(
         course=course,

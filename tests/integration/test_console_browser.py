@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from labs.choices import OperationKind
+from labs.compute.requests import vm_operation_request
 from labs.models import ConsoleSession
-from labs.services.vms import vm_operation_request
 
 from ..e2e.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from .conftest import approve_new_group, ssh, wait_for, wait_for_ssh, wait_operation

@@ -16,9 +16,9 @@ import pytest
 from django.db import connections
 
 from labs.choices import GroupStatus, OperationKind
+from labs.compute.requests import vm_operation_request
 from labs.models import Group, Membership, Operation, Vm
-from labs.services.groups import group_approve, membership_group_set
-from labs.services.vms import vm_operation_request
+from labs.people.groups import group_approve, membership_group_set
 
 from ..e2e.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from .conftest import live, sign_in, wait_operation

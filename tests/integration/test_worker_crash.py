@@ -3,8 +3,8 @@
 import pytest
 
 from labs.choices import OperationKind, OperationStatus
+from labs.compute.requests import vm_operation_request
 from labs.models import Operation
-from labs.services.vms import vm_operation_request
 
 from .conftest import approve_new_group, wait_for, wait_operation
 from .test_vm_lifecycle import virsh

@@ -3,8 +3,8 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from labs.services.catalog import image_register
-from labs.services.images import ImageBuildError, image_build
+from labs.tooling.images import ImageBuildError, image_build
+from labs.tooling.registration import image_register
 
 
 class Command(BaseCommand):

@@ -5,7 +5,7 @@ python manage.py console_proxy --listen 127.0.0.1:6080 --host h1
 
 from django.core.management.base import BaseCommand, CommandError
 
-from labs.services import console_proxy
+from labs.consoles import websockify as console_proxy
 
 
 def listen_address(value: str) -> tuple[str, int]:

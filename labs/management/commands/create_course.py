@@ -8,7 +8,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from labs.models import Course
-from labs.services.courses import course_create
+from labs.people.courses import course_create
 
 
 def parse_when(value: str, *, option: str) -> datetime:

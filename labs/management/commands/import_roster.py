@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from labs.choices import Role
 from labs.models import Course
-from labs.services.roster import Outcome, RosterError, RosterReport, roster_import
+from labs.people.roster import Outcome, RosterError, RosterReport, roster_import
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand
 from django.urls import NoReverseMatch, reverse
 
 from labs.choices import ObservedState
-from labs.services.demo import Demo, demo_load
+from labs.tooling.demo import Demo, demo_load
 
 
 class Command(BaseCommand):

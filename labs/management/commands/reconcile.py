@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from labs.services.vms import reconcile_all
+from labs.compute.reconcile import reconcile_all
 
 
 class Command(BaseCommand):

@@ -1,0 +1,161 @@
+"""One executor per operation kind: drive the host's driver, then record what it holds.
+
+The runner (``labs.compute.runner``) claims an Operation and calls the executor its kind's
+catalogue entry names (``labs.compute.kinds``). An executor raises the driver's errors
+as they come (the runner turns them into a retry or a failure) and records the VM's new
+state through ``labs.compute.records``.
+"""
+
+import uuid
+
+from django.conf import settings
+
+from labs.choices import DesiredState, NetworkMode, ObservedState
+from labs.compute.records import (
+    driver_of,
+    observed_of,
+    operation_progress,
+    vm_console_record,
+    vm_consoles_close,
+    vm_observe,
+)
+from labs.drivers import cloudinit
+from labs.drivers.base import VmSpec
+from labs.models import Operation, Snapshot, Vm
+
+
+def vm_spec(vm: Vm) -> VmSpec:
+    """Everything the driver needs to build the VM, from its rows."""
+    host = vm.host
+    return VmSpec(
+        name=vm.domain_name,
+        uuid=str(vm.uuid),
+        title=f"{vm.group.name} / {vm.name}",
+        description=f"Stratus VM {vm.name} of group {vm.group.name} ({vm.group.course.slug})",
+        vcpus=vm.vcpus,
+        memory_mib=vm.memory_mib,
+        disk_gib=vm.disk_gib,
+        base_image=vm.image.path,
+        storage_dir=host.storage_dir,
+        virt_type=driver_of(vm).resolve_virt_type(host.virt_type),
+        network=host.network_mode,
+        ssh_port=vm.ssh_port if host.network_mode == NetworkMode.USER else None,
+        bridge=host.bridge,
+        metadata={"vm": str(vm.pk), "group": str(vm.group_id), "course": vm.group.course.slug},
+    )
+
+
+def vm_seed(vm: Vm) -> bytes:
+    """The cloud-init seed: the group's key for the login user and every member."""
+    members = vm.group.memberships.select_related("user").order_by("user__username")
+    usernames = [m.user.get_username() for m in members]
+    return cloudinit.seed_build(
+        instance_id=vm.instance_id,
+        hostname=cloudinit.hostname_for(f"{vm.group.name}-{vm.name}"),
+        login_user=vm.image.login_user,
+        extra_users=[u for u in usernames if cloudinit.is_valid_username(u)],
+        ssh_public_key=vm.group.ssh_public_key,
+    )
+
+
+def _desire(vm: Vm, state: str) -> None:
+    Vm.objects.filter(pk=vm.pk).update(desired_state=state)
+
+
+def _running(vm: Vm, driver=None) -> None:
+    """The VM runs now: record its (new) console endpoint and its state."""
+    vm_console_record(vm, driver)
+    vm_observe(vm, ObservedState.RUNNING, "")
+
+
+def provision(op: Operation) -> None:
+    vm = op.vm
+    driver = driver_of(vm)
+    driver.provision(vm_spec(vm), seed_iso=vm_seed(vm), progress=operation_progress(op))
+    _running(vm, driver)
+
+
+def start(op: Operation) -> None:
+    driver = driver_of(op.vm)
+    driver.start(op.vm.domain_name)
+    _desire(op.vm, DesiredState.RUNNING)
+    _running(op.vm, driver)
+
+
+def stop(op: Operation) -> None:
+    vm_consoles_close(op.vm, "the VM is shutting down")
+    clean = driver_of(op.vm).shutdown(op.vm.domain_name, timeout=settings.VM_SHUTDOWN_TIMEOUT)
+    _desire(op.vm, DesiredState.STOPPED)
+    vm_observe(op.vm, ObservedState.SHUTOFF, "")
+    if not clean:
+        operation_progress(op)("the guest did not shut down in time; it was forced off")
+
+
+def reboot(op: Operation) -> None:
+    driver_of(op.vm).reboot(op.vm.domain_name)
+
+
+def force_off(op: Operation) -> None:
+    vm_consoles_close(op.vm, "the VM was forced off")
+    driver_of(op.vm).force_off(op.vm.domain_name)
+    _desire(op.vm, DesiredState.STOPPED)
+    vm_observe(op.vm, ObservedState.SHUTOFF, "")
+
+
+def suspend(op: Operation) -> None:
+    """Pause in RAM: consoles stay open (the screen just stops); SSH sessions stall."""
+    driver_of(op.vm).suspend(op.vm.domain_name)
+    vm_observe(op.vm, ObservedState.PAUSED, "")
+
+
+def resume(op: Operation) -> None:
+    driver = driver_of(op.vm)
+    driver.resume(op.vm.domain_name)
+    _desire(op.vm, DesiredState.RUNNING)
+    _running(op.vm, driver)
+
+
+def snapshot(op: Operation) -> None:
+    name, with_memory = op.params["name"], bool(op.params.get("with_memory"))
+    driver_of(op.vm).snapshot_create(op.vm.domain_name, name, with_memory=with_memory)
+    Snapshot.objects.get_or_create(
+        vm=op.vm, name=name, defaults={"with_memory": with_memory, "created_by": op.requested_by}
+    )
+
+
+def revert(op: Operation) -> None:
+    vm = op.vm
+    driver = driver_of(vm)
+    vm_consoles_close(vm, "the VM is being reverted to a snapshot")
+    driver.snapshot_revert(vm.domain_name, op.params["name"])
+    state = observed_of(driver.state(vm.domain_name))
+    if state == ObservedState.RUNNING:
+        vm_console_record(vm, driver)
+    _desire(vm, DesiredState.RUNNING if state == ObservedState.RUNNING else DesiredState.STOPPED)
+    vm_observe(vm, state, "")
+
+
+def snapshot_delete(op: Operation) -> None:
+    driver_of(op.vm).snapshot_delete(op.vm.domain_name, op.params["name"])
+    Snapshot.objects.filter(vm=op.vm, name=op.params["name"]).delete()
+
+
+def reset(op: Operation) -> None:
+    vm = op.vm
+    vm.instance_id = uuid.uuid4().hex  # cloud-init runs again: keys, users, hostname
+    Vm.objects.filter(pk=vm.pk).update(instance_id=vm.instance_id)
+    vm_consoles_close(vm, "the VM is being reset to its baseline")
+    driver = driver_of(vm)
+    driver.reset(vm_spec(vm), seed_iso=vm_seed(vm))
+    Snapshot.objects.filter(vm=vm).delete()
+    _desire(vm, DesiredState.RUNNING)
+    _running(vm, driver)
+
+
+def delete(op: Operation) -> None:
+    vm = op.vm
+    vm_consoles_close(vm, "the VM is being deleted")
+    driver_of(vm).delete(vm_spec(vm))
+    Snapshot.objects.filter(vm=vm).delete()
+    Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
+    vm_observe(vm, ObservedState.DELETED, "")

@@ -1,0 +1,105 @@
+"""Asking for VMs and for operations on them: the services views, the admin and commands
+call. Each checks the access policy and the catalogue, then hands the row to dispatch."""
+
+import uuid
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from labs import access
+from labs.access import Action
+from labs.choices import GroupStatus, OperationKind
+from labs.compute import dispatch, kinds, placement, quotas
+from labs.compute.kinds import Audience
+from labs.errors import Invalid, NotAllowed, Refused
+from labs.live import events
+from labs.models import Group, Operation, Vm, VmTemplate
+
+
+def _next_vm_name(group: Group) -> str:
+    names = set(Vm.objects.filter(group=group).values_list("name", flat=True))
+    n = 1
+    while f"vm{n}" in names:
+        n += 1
+    return f"vm{n}"
+
+
+def _vm_new(*, group: Group, template: VmTemplate, by: AbstractBaseUser | None) -> Vm:
+    vm = Vm.objects.create(
+        group=group,
+        name=_next_vm_name(group),
+        image=template.image,
+        vcpus=template.vcpus,
+        memory_mib=template.memory_mib,
+        disk_gib=template.disk_gib,
+        instance_id=uuid.uuid4().hex,
+    )
+    placement.vm_place(vm=vm)
+    dispatch.operation_create(vm=vm, kind=OperationKind.PROVISION, by=by)
+    events.vm_changed(vm=vm)
+    return vm
+
+
+def group_vms_create(*, group: Group, by: AbstractBaseUser | None) -> list[Vm]:
+    """At approval: create the course template's VMs the group does not have yet."""
+    template = quotas.template_of(group)
+    if template is None:
+        return []
+    have = Vm.objects.live().filter(group=group).count()
+    return [_vm_new(group=group, template=template, by=by) for _ in range(template.count - have)]
+
+
+def vm_create(*, group: Group, by: AbstractBaseUser) -> Vm:
+    """A member adds one more VM, within the group's quota."""
+    with transaction.atomic():
+        group = Group.objects.select_for_update().get(pk=group.pk)
+        if not access.may(by, Action.VIEW, group):
+            raise NotAllowed("Only the group's members and course staff add its VMs.")
+        if group.status != GroupStatus.APPROVED:
+            raise Refused("Only approved groups have VMs.")
+        template = quotas.template_of(group)
+        if template is None:
+            raise Refused("This course has no VM template yet; ask your instructor.")
+        quotas.quota_check(
+            group=group,
+            need={
+                "vms": 1,
+                "vcpus": template.vcpus,
+                "memory_mib": template.memory_mib,
+                "disk_gib": template.disk_gib,
+            },
+        )
+        return _vm_new(group=group, template=template, by=by)
+
+
+def requester_check(*, kind: kinds.Kind, vm: Vm, by: AbstractBaseUser | None) -> None:
+    """May ``by`` ask for ``kind`` on ``vm``? ``None`` is Stratus itself (the clock,
+    reconcile), which may ask for anything."""
+    if by is None:
+        return
+    staff = access.is_course_staff(user=by, course=vm.group.course_id, action=Action.OPERATE)
+    if kind.audience == Audience.STAFF and not staff:
+        raise NotAllowed(f"Only the course's staff can ask for {kind.label.lower()}.")
+    if staff or access.may(by, Action.OPERATE, vm):
+        return
+    if access.may(by, Action.VIEW, vm):
+        raise Refused("The group is not approved; ask your instructor.")
+    raise NotAllowed("Only the group's members and course staff operate its VMs.")
+
+
+def vm_operation_request(
+    *, vm: Vm, kind: str, by: AbstractBaseUser | None, params: dict | None = None
+) -> Operation:
+    """Ask for one operation on a VM; refused clearly if it makes no sense right now."""
+    entry = kinds.requestable(kind)
+    if entry is None:
+        raise Invalid("Unknown operation.")
+    vm = Vm.objects.select_related("host", "group__course").get(pk=vm.pk)
+    requester_check(kind=entry, vm=vm, by=by)
+    # Busy is left to the database's one-active-operation constraint (dispatch): one query
+    # less, and the race between two requests is decided in one place.
+    refused = kinds.refusal(entry, vm, active=None)
+    if refused is not None:
+        raise refused
+    params = kinds.params_clean(entry, vm, params)
+    return dispatch.operation_create(vm=vm, kind=entry.kind, by=by, params=params)

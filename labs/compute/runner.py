@@ -1,0 +1,115 @@
+"""Running operations in workers: claim, run, finish, retry, recover.
+
+A Celery task (``labs.tasks.operation_run_task``) hands the runner an Operation id. The
+runner claims the row with a conditional UPDATE (``queued → running``: a second delivery of
+the same task finds nothing to claim), runs the executor its kind's catalogue entry names,
+and records how it ended. It never leaves an operation ``running``: a transient driver
+error puts it back to ``queued`` for the task to retry, anything else ends it ``failed``
+with a message a student can act on.
+"""
+
+import logging
+from dataclasses import dataclass
+
+from django.core.exceptions import ValidationError
+from django.db.models import F
+from django.utils import timezone
+
+from labs.choices import ObservedState, OperationStatus
+from labs.compute import kinds
+from labs.compute.records import vm_observe
+from labs.drivers.base import HypervisorError, HypervisorUnavailable
+from labs.errors import StratusError, message_of
+from labs.live import events
+from labs.models import Operation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    status: str  # "skipped" | "succeeded" | "failed" | "retry"
+    error: str = ""
+
+
+def operation_claim(*, operation_id: int, worker: str) -> Operation | None:
+    """queued → running by a conditional UPDATE; None when another worker has it."""
+    claimed = Operation.objects.filter(pk=operation_id, status=OperationStatus.QUEUED).update(
+        status=OperationStatus.RUNNING,
+        worker=worker,
+        started_at=timezone.now(),
+        attempts=F("attempts") + 1,
+        error="",
+    )
+    if not claimed:
+        return None
+    op = Operation.objects.select_related("vm__host", "vm__image", "vm__group__course").get(
+        pk=operation_id
+    )
+    events.operation_changed(operation=op)
+    return op
+
+
+def _finish(op: Operation, status: str, error: str = "", progress: str | None = None) -> None:
+    fields = {"status": status, "error": error, "finished_at": timezone.now()}
+    if progress is not None:
+        fields["progress"] = progress
+    Operation.objects.filter(pk=op.pk).update(**fields)
+    events.operation_changed(operation=op)
+
+
+def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutcome:
+    """Claim and run one Operation; record how it ended.
+
+    A transient hypervisor error puts the operation back to ``queued`` (the task then
+    retries it with backoff) while ``may_retry``; any other failure ends it ``failed``
+    with a message a student can act on. Never leaves it ``running``.
+    """
+    op = operation_claim(operation_id=operation_id, worker=worker)
+    if op is None:
+        return RunOutcome("skipped")
+    try:
+        kinds.CATALOGUE[op.kind].executor(op)
+    except HypervisorUnavailable as error:
+        message = events.without_host_uri(f"{error} — the host did not answer", op.vm)
+        if may_retry:
+            Operation.objects.filter(pk=op.pk).update(
+                status=OperationStatus.QUEUED, error=message, progress="waiting to retry"
+            )
+            events.operation_changed(operation=op)
+            return RunOutcome("retry", message)
+        _finish(op, OperationStatus.FAILED, f"{message}; gave up after {op.attempts} tries.")
+        vm_observe(op.vm, ObservedState.UNKNOWN)
+        return RunOutcome("failed", message)
+    except (HypervisorError, StratusError, ValidationError) as error:
+        # Members read the message on their page: the host's name, not its libvirt URI.
+        message = events.without_host_uri(message_of(error), op.vm)
+        _finish(op, OperationStatus.FAILED, message)
+        return RunOutcome("failed", message)
+    except Exception:
+        log.exception("operation %s (%s) crashed", op.pk, op.kind)
+        _finish(op, OperationStatus.FAILED, "Internal error; the operators have the details.")
+        raise
+    _finish(op, OperationStatus.SUCCEEDED, progress="done")
+    return RunOutcome("succeeded")
+
+
+def operations_recover(*, worker_prefix: str, alive_worker: str) -> list[int]:
+    """Re-queue operations a killed worker left ``running`` (called when a worker starts).
+
+    ``worker_prefix`` names this worker node and ``alive_worker`` its current start (node
+    plus a per-start id, shared by the pool's children): an operation the node claimed
+    under an earlier start cannot still be running. Returns the ids to send again.
+    """
+    orphaned = list(
+        Operation.objects.filter(status=OperationStatus.RUNNING, worker__startswith=worker_prefix)
+        .exclude(worker=alive_worker)
+        .values_list("pk", flat=True)
+    )
+    if orphaned:
+        Operation.objects.filter(pk__in=orphaned, status=OperationStatus.RUNNING).update(
+            status=OperationStatus.QUEUED, progress="re-queued after a worker crash"
+        )
+        for op in Operation.objects.filter(pk__in=orphaned):
+            events.operation_changed(operation=op)
+    return orphaned

@@ -1,0 +1,207 @@
+"""What the runner needs from a hypervisor: the ``Driver`` protocol and its plain types.
+
+A driver is chosen per host by ``Host.driver`` (``labs.drivers.registry``); callers pass
+plain dataclasses (:class:`VmSpec`) and get plain values back (:class:`DomainState`,
+:class:`ConsoleEndpoint`), never a hypervisor library's objects. Every method blocks (it
+runs in Celery workers, never on an event loop) and raises one of three errors:
+
+- :class:`HypervisorUnavailable`: transient, retry later (the host did not answer, the
+  connection dropped, a lock or the guest agent timed out);
+- :class:`DomainMissing`: the VM does not exist on the host (or, for a console, is not
+  running);
+- :class:`HypervisorError`: anything else, permanent (bad input, a missing base image...).
+
+Operations are idempotent where that makes sense: a retried ``provision`` finds what exists
+and finishes the rest; starting a running VM, stopping a stopped one or deleting something
+already gone is a no-op. The libvirt driver (``labs.drivers.libvirt``) is the one there is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Stratus only ever looks at, lists or touches domains whose name starts with this.
+DOMAIN_PREFIX = "stratus-"
+Progress = Callable[[str], object]
+
+# The states a driver reports for a domain (``DomainState.state``, ``Driver.state``).
+STATES = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed")
+STATES += ("suspended",)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+class HypervisorError(Exception):
+    """A hypervisor operation failed and retrying will not help."""
+
+
+class HypervisorUnavailable(HypervisorError):
+    """The host did not answer or was busy; the same call may succeed later."""
+
+
+class DomainMissing(HypervisorError):
+    """The VM does not exist on the host (or, for a console, is not running)."""
+
+
+# --- specs ---------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"[a-z0-9-]{1,55}")
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_BRIDGE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_META_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+# Characters XML 1.0 cannot carry at all, even escaped.
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+TITLE_MAX, DESCRIPTION_MAX, SNAPSHOT_NAME_MAX = 200, 10_000, 64
+VIRT_TYPES = ("qemu", "kvm")
+NETWORK_MODES = ("user", "bridge")
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything the hypervisor needs to build one VM. Validated on construction."""
+
+    name: str  # domain name: "stratus-" + [a-z0-9-], e.g. "stratus-vm-12"
+    uuid: str  # chosen by the caller; define is idempotent by uuid
+    title: str  # free text, goes in <title> (one line, cut to TITLE_MAX)
+    description: str  # free text, goes in <description>
+    vcpus: int
+    memory_mib: int
+    disk_gib: int  # overlay virtual size, at least the base image's
+    base_image: str  # absolute path of the read-only base qcow2 on the host
+    storage_dir: str  # host directory (a libvirt dir pool) for overlays and seeds
+    virt_type: str  # "qemu" | "kvm", already resolved (Driver.resolve_virt_type)
+    network: str = "user"  # "user" | "bridge"
+    ssh_port: int | None = None  # user mode: 127.0.0.1:ssh_port -> guest port 22
+    bridge: str = ""  # bridge mode: the host bridge
+    mac: str = ""  # optional, stable across resets
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = _spec_problems(self)
+        if problems:
+            raise HypervisorError(f"invalid VM spec for {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def overlay_name(self) -> str:
+        return f"{self.name}.qcow2"
+
+    @property
+    def seed_name(self) -> str:
+        return f"{self.name}-seed.iso"
+
+
+def _spec_problems(spec: VmSpec) -> list[str]:
+    problems = []
+    if not (spec.name.startswith(DOMAIN_PREFIX) and _NAME_RE.fullmatch(spec.name)):
+        problems.append(
+            f"the name must start with {DOMAIN_PREFIX!r} and use only a-z, 0-9 and '-' "
+            "(at most 55 characters)"
+        )
+    try:
+        uuidlib.UUID(spec.uuid)
+    except (ValueError, TypeError, AttributeError):
+        problems.append(f"{spec.uuid!r} is not a UUID")
+    if not 1 <= spec.vcpus <= 64:
+        problems.append("vcpus must be between 1 and 64")
+    if not 128 <= spec.memory_mib <= 1024 * 1024:
+        problems.append("memory must be at least 128 MiB")
+    if not 1 <= spec.disk_gib <= 16 * 1024:
+        problems.append("the disk must be between 1 GiB and 16 TiB")
+    for label, path in (("base image", spec.base_image), ("storage directory", spec.storage_dir)):
+        if not (isinstance(path, str) and os.path.isabs(path)) or NOT_XML.search(path):
+            problems.append(f"the {label} must be an absolute path")
+    if spec.virt_type not in VIRT_TYPES:
+        problems.append(f"virt type must be one of {', '.join(VIRT_TYPES)} (resolve 'auto' first)")
+    if spec.network not in NETWORK_MODES:
+        problems.append(f"network must be one of {', '.join(NETWORK_MODES)}")
+    if spec.network == "user" and spec.ssh_port is not None and not 1024 <= spec.ssh_port <= 65535:
+        problems.append("the SSH port must be between 1024 and 65535")
+    if spec.network == "bridge" and not _BRIDGE_RE.fullmatch(spec.bridge or ""):
+        problems.append("bridge mode needs a bridge name (letters, digits, '_.-', 15 at most)")
+    if spec.mac and not _MAC_RE.fullmatch(spec.mac):
+        problems.append("the MAC address must look like 52:54:00:12:34:56 (lower case)")
+    for key, value in spec.metadata.items():
+        if not (isinstance(key, str) and _META_KEY_RE.fullmatch(key)):
+            problems.append(f"metadata key {key!r} must be letters, digits, '_.-'")
+        if not isinstance(value, str):
+            problems.append(f"metadata value of {key!r} must be text")
+    return problems
+
+
+def validate_snapshot_name(snapshot: str) -> None:
+    if not (
+        isinstance(snapshot, str)
+        and 1 <= len(snapshot) <= SNAPSHOT_NAME_MAX
+        and all(c.isalnum() or c in "-_." for c in snapshot)
+    ):
+        raise HypervisorError(
+            f"invalid snapshot name {snapshot!r}: use letters, digits, '-', '_' and '.', "
+            f"up to {SNAPSHOT_NAME_MAX} characters"
+        )
+
+
+@dataclass(frozen=True)
+class DomainState:
+    uuid: str
+    name: str
+    state: str  # one of STATES
+
+
+@dataclass(frozen=True)
+class ConsoleEndpoint:
+    kind: str  # "tcp" | "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+
+# --- the protocol --------------------------------------------------------------------------
+
+
+class Driver(Protocol):
+    """Blocking operations on one hypervisor host. Instances are cheap; a driver keeps
+    its connection per host itself."""
+
+    host: str  # the host's name, for messages
+
+    def close(self) -> None: ...
+
+    def resolve_virt_type(self, requested: str) -> str:
+        """``qemu`` or ``kvm`` for a host setting of ``qemu``, ``kvm`` or ``auto``."""
+
+    # VMs as a whole
+    def provision(
+        self, spec: VmSpec, *, seed_iso: bytes, progress: Progress | None = None
+    ) -> None: ...
+    def reset(
+        self, spec: VmSpec, *, seed_iso: bytes, progress: Progress | None = None
+    ) -> None: ...
+    def delete(self, spec: VmSpec) -> None: ...
+
+    # power
+    def start(self, name: str) -> None: ...
+    def shutdown(self, name: str, *, timeout: float = 60) -> bool: ...
+    def reboot(self, name: str) -> None: ...
+    def force_off(self, name: str) -> None: ...
+    def suspend(self, name: str) -> None: ...
+    def resume(self, name: str) -> None: ...
+
+    # snapshots
+    def snapshot_create(self, name: str, snapshot: str, *, with_memory: bool) -> None: ...
+    def snapshot_revert(self, name: str, snapshot: str, *, start_after: bool = False) -> None: ...
+    def snapshot_delete(self, name: str, snapshot: str) -> None: ...
+    def snapshot_names(self, name: str) -> list[str]: ...
+
+    # what is there
+    def state(self, name: str) -> str: ...
+    def states(self) -> dict[str, DomainState]: ...
+    def console(self, name: str) -> ConsoleEndpoint: ...
+
+    # Room for what the next issues add behind the same seam: migrate (live, cold),
+    # volumes (attach, detach), networks (define, attach a NIC), image capture.

@@ -1,0 +1,487 @@
+"""The libvirt driver: lifecycle, snapshots and consoles of Stratus VMs on one host.
+
+Built from the package's parts: ``connection`` (one cached connection per URI),
+``errors`` (libvirt's errors as the driver's three), ``xml`` (domain, volume, pool and
+snapshot XML) and ``storage`` (pools, overlays, seeds). This package is the only place in
+Stratus that imports ``libvirt``. See docs/hypervisor.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import libvirt
+
+from labs.drivers.base import (
+    DOMAIN_PREFIX,
+    ConsoleEndpoint,
+    DomainMissing,
+    DomainState,
+    HypervisorError,
+    HypervisorUnavailable,
+    Progress,
+    VmSpec,
+    validate_snapshot_name,
+)
+from labs.drivers.libvirt import connection
+from labs.drivers.libvirt.errors import classify, error_code
+from labs.drivers.libvirt.storage import GiB, StorageMixin
+from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_POLL_SECONDS = 0.5
+SHUTDOWN_RESEND_SECONDS = 15  # an ACPI press during early boot is lost: press again
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown",  # shutting down, still running
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+
+
+class LibvirtDriver(StorageMixin):
+    """The :class:`~labs.drivers.base.Driver` for one libvirt host (``qemu:///system``,
+    ``qemu+ssh://…``, ``qemu+tls://…``).
+
+    Instances are cheap; the underlying connection is cached per URI (thread-safe), kept
+    alive with keepalive probes, and re-opened on the next call after it drops.
+    """
+
+    def __init__(self, uri: str, *, host_name: str = "") -> None:
+        self.uri = uri
+        self.host = host_name or uri
+
+    def __repr__(self) -> str:
+        return f"<LibvirtDriver {self.host} {self.uri}>"
+
+    def close(self) -> None:
+        """Close this URI's cached connection (tests; workers keep it for their lifetime)."""
+        connection.drop_connection(self.uri)
+
+    # -- plumbing --
+
+    @property
+    def _conn(self) -> libvirt.virConnect:
+        return connection.connection(self.uri, host=self.host)
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except libvirt.libvirtError as error:
+            mapped = classify(error, host=self.host, doing=doing)
+            if isinstance(mapped, HypervisorUnavailable):
+                connection.drop_if_dead(self.uri)
+                log.warning("%s", mapped)
+            else:
+                log.info("%s", mapped)
+            raise mapped from error
+
+    def _domain(self, name: str) -> libvirt.virDomain:
+        with self._errors(f"looking up VM {name}"):
+            try:
+                return self._conn.lookupByName(name)
+            except libvirt.libvirtError as error:
+                if error_code(error) == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise DomainMissing(f"VM {name} does not exist on host {self.host}") from None
+                raise
+
+    def _domain_or_none(self, name: str) -> libvirt.virDomain | None:
+        try:
+            return self._domain(name)
+        except DomainMissing:
+            return None
+
+    def _domain_by_uuid(self, uuid: str) -> libvirt.virDomain | None:
+        with self._errors(f"looking up VM {uuid}"):
+            try:
+                return self._conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError as error:
+                if error_code(error) == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+
+    @staticmethod
+    def _state_of(dom: libvirt.virDomain) -> str:
+        return STATE_NAMES.get(dom.state()[0], "nostate")
+
+    # -- capabilities --
+
+    def resolve_virt_type(self, requested: str) -> str:
+        """``qemu`` or ``kvm`` for a host setting of ``qemu``, ``kvm`` or ``auto``.
+
+        ``auto`` resolves to ``qemu`` (TCG): a host can advertise KVM and still be unusable
+        (nested PVM: /dev/kvm exists, the guest never boots), so KVM is only ever used when
+        an operator sets it for the host. ``kvm`` is checked against the host's
+        capabilities.
+        """
+        if requested == "qemu":
+            return "qemu"
+        if requested == "auto":
+            log.info("host %s: virt type auto -> qemu (TCG); set kvm explicitly", self.host)
+            return "qemu"
+        if requested != "kvm":
+            raise HypervisorError(f"unknown virt type {requested!r}: use qemu, kvm or auto")
+        with self._errors("reading host capabilities"):
+            caps = parse(self._conn.getCapabilities())
+        offered = caps.findall("./guest[os_type='hvm']/arch[@name='x86_64']/domain[@type='kvm']")
+        if not offered:
+            raise HypervisorError(
+                f"host {self.host} does not offer KVM for x86_64 guests; set its virt type to qemu"
+            )
+        log.info("host %s: virt type kvm", self.host)
+        return "kvm"
+
+    # -- storage --
+
+    def provision(
+        self, spec: VmSpec, *, seed_iso: bytes, progress: Progress | None = None
+    ) -> None:
+        """Make ``spec`` exist and run: disk overlay, seed, domain, started.
+
+        Idempotent: whatever exists already is kept (an existing domain is not redefined;
+        see :meth:`reset`), and the rest is done. The seed is (re)written only while the
+        domain is not defined yet, so a retry after an interrupted upload never boots a
+        truncated seed.
+        """
+        report = progress or (lambda _message: None)
+        started = time.monotonic()
+        report("checking the base image")
+        base = self._checked_base(spec)
+        dom = self._own_domain(spec)
+        report("preparing storage")
+        pool = self._pool_for(spec.storage_dir, create=True)
+        report("creating disk")
+        overlay = self._ensure_overlay(pool, spec, base)
+        if dom is None:
+            report("writing cloud-init seed")
+            seed = self._write_seed(pool, spec, seed_iso)
+            report("defining VM")
+            xml = build_domain_xml(spec, overlay_path=overlay.path(), seed_path=seed.path())
+            with self._errors(f"defining VM {spec.name}"):
+                dom = self._conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            log.info("defined %s (%s) on %s", spec.name, spec.uuid, self.host)
+        report("starting VM")
+        self._start(dom)
+        log.info(
+            "provisioned %s on %s in %.1f s", spec.name, self.host, time.monotonic() - started
+        )
+
+    def _checked_base(self, spec: VmSpec) -> libvirt.virStorageVol:
+        """The base image volume, after checking it exists and fits in the VM's disk."""
+        base = self._base_volume(spec.base_image)
+        with self._errors(f"checking base image {spec.base_image}"):
+            base_size = base.info()[1]
+        if spec.disk_gib * GiB < base_size:
+            raise HypervisorError(
+                f"a {spec.disk_gib} GiB disk is smaller than base image {spec.base_image} "
+                f"({base_size / GiB:.1f} GiB)"
+            )
+        return base
+
+    def reset(self, spec: VmSpec, *, seed_iso: bytes, progress: Progress | None = None) -> None:
+        """Back to baseline: a fresh overlay and seed, the same uuid and SSH port, started.
+
+        The domain is undefined and defined again from ``spec`` (so it also picks up a
+        changed spec), and its snapshots go with the old overlay they lived in. The new
+        seed should carry a new instance-id so cloud-init sets the guest up again.
+        """
+        report = progress or (lambda _message: None)
+        report("checking the base image")
+        self._checked_base(spec)  # before anything is removed: never reset into nothing
+        report("removing the old disk")
+        self._remove(spec)
+        self.provision(spec, seed_iso=seed_iso, progress=progress)
+
+    def delete(self, spec: VmSpec) -> None:
+        """Remove the VM completely: domain, snapshots, overlay and seed. Idempotent."""
+        self._remove(spec)
+
+    def _remove(self, spec: VmSpec) -> None:
+        dom = self._own_domain(spec)
+        if dom is not None:
+            self._force_off(dom)
+            with self._errors(f"removing VM {spec.name}"):
+                try:
+                    dom.undefineFlags(_UNDEFINE_ALL)
+                except libvirt.libvirtError as error:
+                    if error_code(error) in (
+                        libvirt.VIR_ERR_INVALID_ARG,
+                        libvirt.VIR_ERR_NO_SUPPORT,
+                    ):
+                        dom.undefineFlags(_UNDEFINE_BASIC)  # drivers without NVRAM/checkpoints
+                    elif error_code(error) != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            log.info("undefined %s on %s", spec.name, self.host)
+        self._delete_volumes(spec.name, spec.storage_dir)
+
+    def _own_domain(self, spec: VmSpec) -> libvirt.virDomain | None:
+        """The domain of ``spec`` if it exists; an error if name and uuid disagree."""
+        by_uuid = self._domain_by_uuid(spec.uuid)
+        if by_uuid is not None:
+            if by_uuid.name() != spec.name:
+                raise HypervisorError(
+                    f"host {self.host} has VM id {spec.uuid} under the name {by_uuid.name()}, "
+                    f"not {spec.name}"
+                )
+            return by_uuid
+        by_name = self._domain_or_none(spec.name)
+        if by_name is not None:
+            raise HypervisorError(
+                f"host {self.host} already has a VM named {spec.name} with another id "
+                f"({by_name.UUIDString()}); it does not belong to this request"
+            )
+        return None
+
+    # -- lifecycle --
+
+    def state(self, name: str) -> str:
+        dom = self._domain(name)
+        with self._errors(f"reading the state of {name}"):
+            return self._state_of(dom)
+
+    def states(self) -> dict[str, DomainState]:
+        """Every Stratus domain on the host, keyed by uuid, from one round trip.
+
+        ``getAllDomainStats`` returns each domain with its state in one call (a
+        ``listAllDomains`` followed by ``state()`` per domain would be one call per VM).
+        """
+        with self._errors("listing VMs"):
+            stats = self._conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+            result = {}
+            for dom, values in stats:
+                name = dom.name()
+                if not name.startswith(DOMAIN_PREFIX):
+                    continue
+                state = STATE_NAMES.get(values.get("state.state", 0), "nostate")
+                result[dom.UUIDString()] = DomainState(dom.UUIDString(), name, state)
+            return result
+
+    def start(self, name: str) -> None:
+        """Start (or resume) the VM; a running VM is left alone."""
+        self._start(self._domain(name))
+
+    def _start(self, dom: libvirt.virDomain) -> None:
+        with self._errors(f"starting VM {dom.name()}"):
+            state = dom.state()[0]
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+            elif state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+                dom.pMWakeup(0)
+            elif not dom.isActive():
+                try:
+                    dom.create()
+                except libvirt.libvirtError:
+                    if not dom.isActive():  # someone else started it meanwhile: fine
+                        raise
+                log.info("started %s on %s", dom.name(), self.host)
+
+    def force_off(self, name: str) -> None:
+        """Pull the plug; a VM that is off is left alone."""
+        self._force_off(self._domain(name))
+
+    def _force_off(self, dom: libvirt.virDomain) -> None:
+        with self._errors(f"forcing VM {dom.name()} off"):
+            if dom.isActive():
+                try:
+                    dom.destroy()
+                except libvirt.libvirtError:
+                    if dom.isActive():
+                        raise
+                log.info("forced %s off on %s", dom.name(), self.host)
+
+    def shutdown(self, name: str, *, timeout: float = 60) -> bool:
+        """Ask the guest to power off; force it off after ``timeout`` seconds.
+
+        Returns whether the guest shut down by itself (an already stopped VM: True).
+        libvirt uses the guest agent when it answers, else the ACPI power button.
+        """
+        dom = self._domain(name)
+        deadline = time.monotonic() + timeout
+        with self._errors(f"shutting down VM {name}"):
+            if not dom.isActive():
+                return True
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()  # a paused guest cannot see the power button
+            next_press = 0.0
+            while time.monotonic() < deadline:
+                if not dom.isActive():
+                    log.info("%s shut down on %s", name, self.host)
+                    return True
+                if time.monotonic() >= next_press:
+                    try:
+                        dom.shutdown()
+                    except libvirt.libvirtError:
+                        if dom.isActive():
+                            raise
+                    next_press = time.monotonic() + SHUTDOWN_RESEND_SECONDS
+                time.sleep(SHUTDOWN_POLL_SECONDS)
+            if not dom.isActive():
+                return True
+        log.warning(
+            "%s did not shut down within %s s on %s; forcing off", name, timeout, self.host
+        )
+        self._force_off(dom)
+        return False
+
+    def reboot(self, name: str) -> None:
+        """Ask the guest to reboot; a VM that is off is simply started."""
+        dom = self._domain(name)
+        with self._errors(f"rebooting VM {name}"):
+            if not dom.isActive():
+                self._start(dom)
+                return
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+            dom.reboot(0)
+
+    def suspend(self, name: str) -> None:
+        """Pause the VM in RAM (its vCPUs stop; memory, devices and connections stay).
+
+        A paused VM is left alone; a VM that is not running cannot be paused.
+        """
+        dom = self._domain(name)
+        with self._errors(f"suspending VM {name}"):
+            state = dom.state()[0]
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                return
+            if not dom.isActive():
+                raise HypervisorError(f"VM {name} is not running on host {self.host}")
+            dom.suspend()
+            log.info("suspended %s on %s", name, self.host)
+
+    def resume(self, name: str) -> None:
+        """Let a paused VM run on; a running VM is left alone."""
+        dom = self._domain(name)
+        with self._errors(f"resuming VM {name}"):
+            if not dom.isActive():
+                raise HypervisorError(f"VM {name} is not running on host {self.host}")
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+                log.info("resumed %s on %s", name, self.host)
+
+    # -- snapshots --
+
+    def snapshot_create(self, name: str, snapshot: str, *, with_memory: bool) -> None:
+        """Take an internal snapshot (it lives inside the VM's qcow2 overlay).
+
+        A running VM is snapshotted with its memory (it comes back running); a shut-off VM
+        gets a disk-only snapshot (it comes back shut off; ``with_memory`` changes nothing,
+        there is no memory to keep). A disk-only snapshot of a *running* VM is refused:
+        libvirt can only make that as an external snapshot, which it cannot revert.
+        An existing snapshot of that name is left as it is.
+        """
+        validate_snapshot_name(snapshot)
+        dom = self._domain(name)
+        with self._errors(f"snapshotting VM {name}"):
+            if snapshot in dom.snapshotListNames(0):
+                return
+            if dom.isActive() and not with_memory:
+                raise HypervisorError(
+                    f"VM {name} is running: a snapshot of a running VM includes its memory. "
+                    "Shut it down first for a disk-only snapshot."
+                )
+            started = time.monotonic()
+            try:
+                dom.snapshotCreateXML(snapshot_xml(snapshot), 0)
+            except libvirt.libvirtError:
+                if snapshot not in dom.snapshotListNames(0):
+                    raise
+            log.info(
+                "snapshot %s of %s (%s) on %s in %.2f s",
+                snapshot,
+                name,
+                "with memory" if dom.isActive() else "disk only",
+                self.host,
+                time.monotonic() - started,
+            )
+
+    def snapshot_revert(self, name: str, snapshot: str, *, start_after: bool = False) -> None:
+        """Go back to a snapshot: with memory it comes back running, disk-only shut off
+        (then started if ``start_after``)."""
+        dom = self._domain(name)
+        with self._errors(f"reverting VM {name} to snapshot {snapshot}"):
+            snap = self._snapshot(dom, snapshot)
+            if snap is None:
+                raise HypervisorError(f"VM {name} has no snapshot named {snapshot}")
+            try:
+                dom.revertToSnapshot(snap, 0)
+            except libvirt.libvirtError as error:
+                if error_code(error) != libvirt.VIR_ERR_SNAPSHOT_REVERT_RISKY:
+                    raise
+                dom.revertToSnapshot(snap, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE)
+        if start_after:
+            self._start(dom)
+        log.info("reverted %s to %s on %s", name, snapshot, self.host)
+
+    def snapshot_delete(self, name: str, snapshot: str) -> None:
+        """Delete a snapshot; a missing snapshot (or VM) is fine."""
+        dom = self._domain_or_none(name)
+        if dom is None:
+            return
+        with self._errors(f"deleting snapshot {snapshot} of VM {name}"):
+            snap = self._snapshot(dom, snapshot)
+            if snap is None:
+                return
+            try:
+                snap.delete(0)
+            except libvirt.libvirtError as error:
+                if error_code(error) != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                    raise
+
+    def snapshot_names(self, name: str) -> list[str]:
+        dom = self._domain(name)
+        with self._errors(f"listing the snapshots of VM {name}"):
+            return sorted(dom.snapshotListNames(0))
+
+    @staticmethod
+    def _snapshot(dom: libvirt.virDomain, snapshot: str) -> libvirt.virDomainSnapshot | None:
+        try:
+            return dom.snapshotLookupByName(snapshot, 0)
+        except libvirt.libvirtError as error:
+            if error_code(error) == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                return None
+            raise
+
+    # -- console --
+
+    def console(self, name: str) -> ConsoleEndpoint:
+        """Where the running VM's VNC server listens, read from its live XML."""
+        dom = self._domain(name)
+        with self._errors(f"finding the console of VM {name}"):
+            if not dom.isActive():
+                raise DomainMissing(f"VM {name} is not running on host {self.host}")
+            live = parse(dom.XMLDesc(0))
+        graphics = live.find("./devices/graphics[@type='vnc']")
+        if graphics is None:
+            raise HypervisorError(f"VM {name} on host {self.host} has no VNC console")
+        for listen in graphics.findall("listen"):
+            if listen.get("type") == "socket" and listen.get("socket"):
+                return ConsoleEndpoint(kind="unix", path=listen.get("socket", ""))
+        port = int(graphics.get("port", "-1"))
+        if port <= 0:
+            raise HypervisorError(f"VM {name} on host {self.host} has no VNC port yet")
+        address = graphics.get("listen") or "127.0.0.1"
+        for listen in graphics.findall("listen"):
+            if listen.get("type") == "address" and listen.get("address"):
+                address = listen.get("address", address)
+        return ConsoleEndpoint(kind="tcp", host=address, port=port)
+
+
+_UNDEFINE_BASIC = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+)
+_UNDEFINE_ALL = (
+    _UNDEFINE_BASIC
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+    | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+)

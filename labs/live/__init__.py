@@ -1,0 +1,1 @@
+"""Live pages: events published after commit, and the websocket that carries them."""

@@ -1,0 +1,216 @@
+"""Live events: tell the browsers that may see a change that it happened.
+
+Services call ``<thing>_changed`` inside their transaction; the event is published after commit
+(``transaction.on_commit``), so a rolled-back change is never announced, and it is built
+from the row as it is then, so it always says what the page will show. An event goes to
+Channels' layer (Redis) groups:
+
+- ``events.group.<group_id>``: the group's members,
+- ``events.course.<course_id>``: the course's staff (and superusers),
+- ``events.user.<user_id>``: one user's own connections (``access_changed``).
+
+``labs.live.consumer.EventsConsumer`` forwards the ``payload`` of each message to the
+browser as JSON, and ``static/js/live.js`` refreshes the page's live regions. A payload
+carries only what the group page shows (docs/live-updates.md): never keys, tickets, VNC
+endpoints, hosts' URIs, worker names or anything of another group.
+
+Publishing never fails the caller: with Redis down, an operation still runs and a request
+still answers; the event is dropped with a warning, and every page refreshes itself when
+its websocket comes back.
+"""
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+
+from labs import access
+from labs.models import Group, Membership, Operation, Vm
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT = 2.0  # seconds: a Redis that does not answer must not hold up a worker
+EVENT_MESSAGE = "events.message"  # EventsConsumer.events_message forwards its payload
+ACCESS_MESSAGE = "events.access"  # EventsConsumer.events_access recomputes subscriptions
+
+
+def group_channel(group_id: int) -> str:
+    return f"events.group.{group_id}"
+
+
+def course_channel(course_id: int) -> str:
+    return f"events.course.{course_id}"
+
+
+def user_channel(user_id: int) -> str:
+    return f"events.user.{user_id}"
+
+
+# --- what services call ----------------------------------------------------------------------
+
+
+def operation_changed(*, operation: Operation) -> None:
+    """An Operation was created or changed (queued, running, progress, succeeded, failed)."""
+    operation_id = operation.pk
+    _after_commit(lambda: _publish_payload(operation_payload(operation_id=operation_id)))
+
+
+def vm_changed(*, vm: Vm) -> None:
+    """A VM was created, placed or deleted, or its observed state changed."""
+    vm_id = vm.pk
+    _after_commit(lambda: _publish_payload(vm_payload(vm_id=vm_id)))
+
+
+def group_changed(*, group: Group) -> None:
+    """A group changed: its status, its members, its project."""
+    group_id = group.pk
+    _after_commit(lambda: _publish_payload(group_payload(group_id=group_id)))
+
+
+def access_changed(*, user_id: int) -> None:
+    """What the user may see changed (joined or left a group, became staff): the user's
+    open connections re-compute their subscriptions and their pages refresh."""
+    _after_commit(lambda: layer_publish([(user_channel(user_id), {"type": ACCESS_MESSAGE})]))
+
+
+# --- who listens where ---------------------------------------------------------------------------
+
+
+def channels_for(*, user: AbstractBaseUser) -> set[str]:
+    """The channel-layer groups one user's connections listen on: their own, the groups
+    they are a member of, and the courses they staff (every course for a superuser)."""
+    if not user.is_authenticated or not user.is_active:
+        return set()
+    groups = Membership.objects.filter(user=user, group__isnull=False).values_list(
+        "group_id", flat=True
+    )
+    courses = access.courses_staffed_by(user=user, action=access.Action.VIEW).values_list(
+        "pk", flat=True
+    )
+    return {
+        user_channel(user.pk),
+        *(group_channel(group_id) for group_id in groups),
+        *(course_channel(course_id) for course_id in courses),
+    }
+
+
+# --- payloads: exactly what the page shows ---------------------------------------------------
+
+
+def operation_payload(*, operation_id: int) -> dict[str, Any] | None:
+    op = Operation.objects.select_related("vm__group", "vm__host").filter(pk=operation_id).first()
+    if op is None:
+        return None
+    vm = op.vm
+    return {
+        "type": "operation",
+        "group": vm.group_id,
+        "course": vm.group.course_id,
+        "group_name": vm.group.name,
+        "vm": vm.pk,
+        "vm_name": vm.name,
+        "operation": op.pk,
+        "kind": op.kind,
+        "kind_display": op.get_kind_display(),
+        "status": op.status,
+        "status_display": op.get_status_display(),
+        "progress": op.progress,
+        "error": without_host_uri(op.error, vm),
+    }
+
+
+def vm_payload(*, vm_id: int) -> dict[str, Any] | None:
+    vm = Vm.objects.select_related("group", "host").filter(pk=vm_id).first()
+    if vm is None:
+        return None
+    return {
+        "type": "vm",
+        "group": vm.group_id,
+        "course": vm.group.course_id,
+        "group_name": vm.group.name,
+        "vm": vm.pk,
+        "vm_name": vm.name,
+        "state": vm.observed_state,
+        "state_display": vm.get_observed_state_display(),
+        "message": without_host_uri(vm.status_message, vm),
+    }
+
+
+def group_payload(*, group_id: int) -> dict[str, Any] | None:
+    group = Group.objects.filter(pk=group_id).first()
+    if group is None:
+        return None
+    return {
+        "type": "group",
+        "group": group.pk,
+        "course": group.course_id,
+        "status": group.status,
+        "status_display": group.get_status_display(),
+    }
+
+
+def without_host_uri(text: str, vm: Vm) -> str:
+    """Hypervisor errors may name the host's libvirt URI; students see the host's name."""
+    host = vm.host
+    if text and host is not None and host.uri:
+        return text.replace(host.uri, host.name)
+    return text
+
+
+# --- publishing ---------------------------------------------------------------------------------
+
+
+def _after_commit(publish) -> None:
+    transaction.on_commit(publish, robust=True)
+
+
+def _publish_payload(payload: dict[str, Any] | None) -> None:
+    if payload is None:  # the row is gone (deleted in the admin): nothing to show
+        return
+    message = {"type": EVENT_MESSAGE, "payload": payload}
+    layer_publish(
+        [(group_channel(payload["group"]), message), (course_channel(payload["course"]), message)]
+    )
+
+
+def layer_publish(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """Send to channel-layer groups from sync code (views, Celery workers, commands).
+
+    Never raises (console revocation sends through it too). From a plain thread,
+    ``async_to_sync`` runs the sends in a fresh event loop whose closing closes the
+    layer's Redis connection for that loop (RedisPubSubChannelLayer keeps one connection
+    per loop), so a worker publishing
+    thousands of events keeps no connection open. Under the ASGI server (a sync view),
+    ``async_to_sync`` runs them on the server's loop and its one connection.
+    """
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            async_to_sync(_send)(layer, messages)
+        else:
+            # Sync code called straight from async code (no sync_to_async), e.g. a script
+            # or test that drives a browser: async_to_sync refuses a thread with a running
+            # loop, so publish from a short-lived thread.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pool.submit(async_to_sync(_send), layer, messages).result()
+    except Exception as error:  # Redis down or slow: the change itself still stands
+        log.warning(
+            "live event not published to %s (%s); pages catch up when they reconnect",
+            ", ".join(group for group, _ in messages),
+            type(error).__name__,
+        )
+
+
+async def _send(layer, messages: list[tuple[str, dict[str, Any]]]) -> None:
+    async with asyncio.timeout(PUBLISH_TIMEOUT):
+        for group, message in messages:
+            await layer.group_send(group, message)
