@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = secrets.token_hex(3)
 PREFIX = f"stratus-test{RUN}-vm-"
 HOST_NAME = f"it{RUN}"
+# SSH forwards of this run's guests: below Linux's ephemeral range (32768-60999), and
+# movable (STRATUS_IT_SSH_PORTS=24400) so that two runs on one machine do not collide.
+SSH_PORT_MIN = int(os.environ.get("STRATUS_IT_SSH_PORTS", "24200"))
 IMAGE_PATH = (
     Path(os.environ.get("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")) / "debian-12.qcow2"
 )
@@ -174,8 +177,8 @@ def qemu_host(transactional_db, storage_dir) -> Host:
         network_mode="user",
         # Below Linux's ephemeral range (32768-60999): a client socket that happened to get
         # a port there would keep QEMU from binding its forward to it.
-        ssh_port_min=24200,
-        ssh_port_max=24299,
+        ssh_port_min=SSH_PORT_MIN,
+        ssh_port_max=SSH_PORT_MIN + 99,
         storage_dir=str(storage_dir),
     )
 

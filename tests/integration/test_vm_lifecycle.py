@@ -11,7 +11,14 @@ from labs.choices import ObservedState, OperationKind, OperationStatus
 from labs.compute.requests import vm_operation_request
 from labs.models import Operation, Snapshot
 
-from .conftest import approve_new_group, sha256, ssh, wait_for_ssh, wait_operation
+from .conftest import (
+    SSH_PORT_MIN,
+    approve_new_group,
+    sha256,
+    ssh,
+    wait_for_ssh,
+    wait_operation,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -135,7 +142,7 @@ def test_approve_ssh_suspend_resume_snapshot_revert_reset_delete(
     wait_operation(provision, timeout=120)
     vm.refresh_from_db()
     assert vm.observed_state == ObservedState.RUNNING
-    assert vm.host == qemu_host and vm.ssh_port == 24200
+    assert vm.host == qemu_host and vm.ssh_port == SSH_PORT_MIN
     assert virsh("domstate", vm.domain_name).stdout.strip() == "running"
 
     # The group's key logs in over the forwarded port; cloud-init set the hostname.
@@ -161,7 +168,7 @@ def test_approve_ssh_suspend_resume_snapshot_revert_reset_delete(
     # Reset to baseline: a fresh disk (the marker is gone), same port, snapshots gone.
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.RESET, by=alice), timeout=180)
     vm.refresh_from_db()
-    assert vm.ssh_port == 24200 and not vm.snapshots.exists()
+    assert vm.ssh_port == SSH_PORT_MIN and not vm.snapshots.exists()
     wait_for_ssh(key, vm.ssh_port)
     assert ssh(key, vm.ssh_port, "test -e marker; echo $?").stdout.strip() == "1"
 
