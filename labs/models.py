@@ -296,6 +296,8 @@ class Vm(models.Model):
     vnc_host = models.CharField(max_length=255, blank=True)
     vnc_port = models.PositiveIntegerField(null=True, blank=True)
     vnc_socket = models.CharField(max_length=300, blank=True)
+    # The desktop name that VNC server announces: the console proxy checks it.
+    vnc_name = models.CharField(max_length=300, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -225,6 +225,8 @@ def make_vm(db):
             "memory_mib": 1024,
             "disk_gib": 10,
             "observed_state": ObservedState.RUNNING,
+            # What its VNC server announces (the consoles' fake servers say "fake").
+            "vnc_name": "fake",
             **fields,
         }
         return Vm.objects.create(**values)

@@ -92,7 +92,12 @@ def stop(op: Operation) -> None:
 
 
 def reboot(op: Operation) -> None:
-    driver_of(op.vm).reboot(op.vm.domain_name)
+    """A running guest reboots in the same QEMU; a stopped one is started, with a new
+    console socket: read it either way, like every other path that starts a VM."""
+    driver = driver_of(op.vm)
+    driver.reboot(op.vm.domain_name)
+    _desire(op.vm, DesiredState.RUNNING)
+    _running(op.vm, driver)
 
 
 def force_off(op: Operation) -> None:

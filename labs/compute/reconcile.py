@@ -20,7 +20,7 @@ from labs.choices import (
     OperationStatus,
 )
 from labs.compute import dispatch, placement
-from labs.compute.records import observed_of, vm_consoles_close, vm_observe
+from labs.compute.records import observed_of, vm_console_record, vm_consoles_close, vm_observe
 from labs.drivers.base import HypervisorError
 from labs.drivers.registry import driver_for
 from labs.live import events
@@ -52,7 +52,8 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
         .select_related("group")
     )
     try:
-        domains = driver_for(host).states()
+        driver = driver_for(host)
+        domains = driver.states()
     except HypervisorError as error:
         report.reachable = False
         Host.objects.filter(pk=host.pk).update(last_error=str(error)[:2000])
@@ -84,6 +85,15 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
             message = "The VM is missing on its host; an instructor can reset it."
         if state != ObservedState.RUNNING and vm.observed_state == ObservedState.RUNNING:
             vm_consoles_close(vm, f"the VM is {state}")
+        if state == ObservedState.RUNNING and (
+            vm.observed_state != ObservedState.RUNNING or not vm.vnc_name
+        ):
+            # Started outside an operation (or recorded before names were): its console
+            # endpoint is new; read it from the live domain.
+            try:
+                vm_console_record(vm, driver)
+            except HypervisorError as error:  # the next pass tries again
+                log.warning("reconcile: no console endpoint for %s: %s", vm, error)
         vm_observe(vm, state, message)
         if vm.desired_state == DesiredState.RUNNING and state in (
             ObservedState.SHUTOFF,

@@ -30,6 +30,9 @@ DOMAIN_STATES = {
 }
 
 
+NO_CONSOLE = {"vnc_host": "", "vnc_port": None, "vnc_socket": "", "vnc_name": ""}
+
+
 def driver_of(vm: Vm) -> Driver:
     return driver_for(vm.host)
 
@@ -65,18 +68,19 @@ def vm_console_record(vm: Vm, driver: Driver | None = None) -> None:
         raise
     except HypervisorError as error:
         log.warning("no console endpoint for %s: %s", vm, error)
-        Vm.objects.filter(pk=vm.pk).update(vnc_host="", vnc_port=None, vnc_socket="")
+        Vm.objects.filter(pk=vm.pk).update(**NO_CONSOLE)
         return
     Vm.objects.filter(pk=vm.pk).update(
         vnc_host=endpoint.host if endpoint.kind == "tcp" else "",
         vnc_port=endpoint.port if endpoint.kind == "tcp" else None,
         vnc_socket=endpoint.path if endpoint.kind == "unix" else "",
+        vnc_name=endpoint.desktop_name,
     )
 
 
 def vm_consoles_close(vm: Vm, reason: str) -> None:
     """The VM is going away or changing under its consoles: end them, forget the endpoint."""
-    Vm.objects.filter(pk=vm.pk).update(vnc_host="", vnc_port=None, vnc_socket="")
+    Vm.objects.filter(pk=vm.pk).update(**NO_CONSOLE)
     tickets.console_revoke(vm_id=vm.pk, reason=reason)
 
 

@@ -15,7 +15,12 @@ from channels.consumer import AsyncConsumer
 from channels.layers import get_channel_layer
 
 from labs.consoles import rules, tickets
-from labs.consoles.rfb import ClientStreamFilter, RfbProtocolError
+from labs.consoles.rfb import (
+    ClientStreamFilter,
+    RfbProtocolError,
+    ServerStreamWatcher,
+    WrongDesktop,
+)
 from labs.consoles.rules import CloseCode, ConsoleDenied
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,7 @@ class ConsoleConsumer(AsyncConsumer):
         self._grouped = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._server_watch = ServerStreamWatcher(expected_name="")
         self._filter: ClientStreamFilter | None = None
         self._limits = rules.Limits(max_frame=0, idle_timeout=0.0, max_session=0.0)
         self._started = 0.0
@@ -148,6 +154,7 @@ class ConsoleConsumer(AsyncConsumer):
         if self._revoked is not None:
             raise ConsoleDenied(f"revoked while connecting: {self._revoked}")
         self._limits = rules.Limits.now()
+        self._server_watch = ServerStreamWatcher(expected_name=target.desktop_name)
         if self.view_only:
             self._filter = ClientStreamFilter(drop_input=True)
         endpoint = target.endpoint
@@ -188,6 +195,7 @@ class ConsoleConsumer(AsyncConsumer):
             self._close("frame too large", code=CloseCode.TOO_BIG)
             return
         self._last_input = time.monotonic()
+        self._server_watch.client_feed(data)
         if self._filter is not None:
             try:
                 data = self._filter.feed(data)
@@ -214,7 +222,14 @@ class ConsoleConsumer(AsyncConsumer):
                 if not data:
                     break
                 self.bytes_from_vm += len(data)
-                await send({"type": "websocket.send", "bytes": data})
+                data = self._server_watch.feed(data)  # nothing of another VM's screen
+                if data:
+                    await send({"type": "websocket.send", "bytes": data})
+        except WrongDesktop as wrong:
+            log.warning("console session %s closed: %s", self._session_id, wrong)
+            reason, code = "not this VM's console", CloseCode.REVOKED
+        except RfbProtocolError as error:
+            reason, code = f"VNC server protocol error: {error}", CloseCode.SERVER_ERROR
         except OSError:  # includes the ASGI server's "client disconnected"
             reason = "connection lost"
         except Exception:

@@ -209,3 +209,111 @@ class ClientStreamFilter:
         # ClientInit: a viewer always asks for a shared session.
         self._phase = _MESSAGES
         return b"\x01"
+
+
+# --- the server-to-client half: whose screen is this? --------------------------------------
+
+MAX_DESKTOP_NAME = 4096
+_V33, _V37, _V38 = b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"
+
+
+class WrongDesktop(RfbProtocolError):
+    """The VNC server is not the VM the console is for: close before its screen shows."""
+
+
+class ServerStreamWatcher:
+    """Follow the VNC-server-to-browser stream until its ServerInit, and let nothing past
+    it unless the desktop name is the one expected.
+
+    A console connects to the endpoint its VM last recorded. If that endpoint ever
+    belonged to another VM (a freed port handed to the next VM that started), the
+    ServerInit names that other VM: the watcher raises ``WrongDesktop`` before a single
+    byte of its screen is forwarded. Before ServerInit the server sends only the protocol
+    version, its security types and the security result, which say nothing about the VM.
+
+    How the server's messages are framed depends on the version the *client* answered
+    (3.3 has no type list, 3.7 no security result for None), so the transport also hands
+    the watcher the browser's first bytes (``client_feed``). Stratus' QEMU servers use
+    security type None; a server that offers anything else is refused here.
+    """
+
+    def __init__(self, *, expected_name: str) -> None:
+        self.expected_name = expected_name
+        self.done = False
+        self._server_version = b""
+        self._client_version = bytearray()
+        self._pending = bytearray()  # server bytes not yet forwarded
+        self._stage = "version"
+
+    def client_feed(self, data: bytes) -> None:
+        if len(self._client_version) < 12:
+            self._client_version += data[: 12 - len(self._client_version)]
+
+    def feed(self, data: bytes) -> bytes:
+        """The part of ``data`` (from the server) that may go to the browser now."""
+        if self.done:
+            return data
+        self._pending += data
+        out = bytearray()
+        while not self.done:
+            step = self._step()
+            if step is None:
+                break
+            out += self._pending[:step]
+            del self._pending[:step]
+        if self.done:
+            out += self._pending
+            self._pending.clear()
+        return bytes(out)
+
+    def _step(self) -> int | None:
+        """The length of the next whole server message to forward, or None for more."""
+        buf = self._pending
+        if self._stage == "version":
+            if len(buf) < 12:
+                return None
+            if not bytes(buf[:12]).startswith(b"RFB 003."):
+                raise RfbProtocolError("the VNC server did not speak RFB")
+            self._server_version = bytes(buf[:12])
+            self._stage = "security"
+            return 12
+        if self._stage == "security":
+            if len(self._client_version) < 12:
+                return None  # framed by the client's version: wait for it
+            version = bytes(self._client_version)
+            if version == _V33:
+                if len(buf) < 4:
+                    return None
+                if struct.unpack_from(">I", buf)[0] != SECURITY_NONE:
+                    raise RfbProtocolError("the VNC server did not offer security type None")
+                self._stage = "init"
+                return 4
+            if version not in (_V37, _V38):
+                raise RfbProtocolError("unsupported protocol version")
+            if not buf or len(buf) < 1 + buf[0]:
+                return None
+            if SECURITY_NONE not in buf[1 : 1 + buf[0]]:
+                raise RfbProtocolError("the VNC server did not offer security type None")
+            size = 1 + buf[0]
+            self._stage = "result" if version == _V38 else "init"
+            return size
+        if self._stage == "result":
+            if len(buf) < 4:
+                return None
+            if struct.unpack_from(">I", buf)[0] != 0:
+                raise RfbProtocolError("the VNC server refused the connection")
+            self._stage = "init"
+            return 4
+        # ServerInit: u16 width, u16 height, 16 bytes pixel format, u32 name length, name.
+        if len(buf) < 24:
+            return None
+        length = struct.unpack_from(">I", buf, 20)[0]
+        if length > MAX_DESKTOP_NAME:
+            raise RfbProtocolError("desktop name too long")
+        if len(buf) < 24 + length:
+            return None
+        name = bytes(buf[24 : 24 + length]).decode("utf-8", "replace")
+        if name != self.expected_name:
+            raise WrongDesktop(f"the VNC server is {name!r}, not {self.expected_name!r}")
+        self.done = True
+        return 24 + length

@@ -121,6 +121,7 @@ class ConsoleTarget:
     vm_id: int
     host_name: str
     endpoint: VncEndpoint
+    desktop_name: str  # what the VM's VNC server must announce (rfb.ServerStreamWatcher)
     is_course_staff: bool
 
 
@@ -184,10 +185,14 @@ def target_for(*, user_id: int, vm_id: int, view_only: bool) -> ConsoleTarget:
         raise ConsoleDenied("VM is being deleted")
     if vm.observed_state != ObservedState.RUNNING:
         raise ConsoleDenied("VM is not running")
+    endpoint = vnc_endpoint_of(vm=vm)
+    if not vm.vnc_name:
+        raise ConsoleDenied("VM's VNC desktop name is not recorded")
     return ConsoleTarget(
         vm_id=vm.pk,
         host_name=vm.host.name if vm.host else "",
-        endpoint=vnc_endpoint_of(vm=vm),
+        endpoint=endpoint,
+        desktop_name=vm.vnc_name,
         is_course_staff=access.is_course_staff(user=user, course=vm.group.course_id),
     )
 

@@ -62,7 +62,12 @@ from websockify import websocketproxy, websockifyserver
 from websockify.token_plugins import BasePlugin
 
 from labs.consoles import rules, tickets
-from labs.consoles.rfb import ClientStreamFilter, RfbProtocolError
+from labs.consoles.rfb import (
+    ClientStreamFilter,
+    RfbProtocolError,
+    ServerStreamWatcher,
+    WrongDesktop,
+)
 from labs.consoles.rules import CloseCode, ConsoleDenied
 from labs.consoles.tickets import SUBPROTOCOL_PREFIX
 
@@ -83,6 +88,7 @@ class ProxyTarget:
     view_only: bool
     host: str  # "unix_socket" for a unix socket (websockify's convention)
     port: int | str  # the socket's path then
+    desktop_name: str = ""  # what the VNC server must announce (rfb.ServerStreamWatcher)
 
 
 # --- the pieces ------------------------------------------------------------------------
@@ -206,8 +212,12 @@ class StratusTicketPlugin(BasePlugin):
             raise TicketRefused(f"VM {vm_id} is not on host {self.host_name}")
         endpoint = target.endpoint
         if endpoint.socket:
-            return ProxyTarget(user_id, vm_id, view_only, "unix_socket", endpoint.socket)
-        return ProxyTarget(user_id, vm_id, view_only, endpoint.host, endpoint.port)
+            return ProxyTarget(
+                user_id, vm_id, view_only, "unix_socket", endpoint.socket, target.desktop_name
+            )
+        return ProxyTarget(
+            user_id, vm_id, view_only, endpoint.host, endpoint.port, target.desktop_name
+        )
 
 
 # --- websockify, taught to take tickets from the subprotocol ---------------------------
@@ -254,6 +264,7 @@ class StratusProxyRequestHandler(websocketproxy.ProxyRequestHandler):
         self.bytes_from_vm = 0
         self.limits = rules.Limits.now()
         self.input_filter = ClientStreamFilter(drop_input=target.view_only)
+        self.server_watch = ServerStreamWatcher(expected_name=target.desktop_name)
         if target.host == "unix_socket":
             self.server.unix_target = target.port
         else:
@@ -289,6 +300,8 @@ class StratusProxyRequestHandler(websocketproxy.ProxyRequestHandler):
         bufs, closed = super().recv_frames()
         if bufs:
             self.last_input_at = time.monotonic()
+            for data in bufs:
+                self.server_watch.client_feed(data)
             try:
                 bufs = [data for data in map(self.input_filter.feed, bufs) if data]
             except RfbProtocolError as error:
@@ -297,8 +310,17 @@ class StratusProxyRequestHandler(websocketproxy.ProxyRequestHandler):
         return bufs, closed
 
     def send_frames(self, bufs=None):
+        # websockify sends only the VNC server's bytes through here (and an empty list to
+        # flush): nothing of them reaches the browser before the desktop name checks out.
         if bufs:
             self.bytes_from_vm += sum(len(b) for b in bufs)
+            try:
+                bufs = [data for data in map(self.server_watch.feed, bufs) if data]
+            except WrongDesktop as wrong:
+                logger.warning("console proxy closes a session: %s", wrong)
+                raise self.CClose(CloseCode.REVOKED, "not this VM's console") from None
+            except RfbProtocolError as error:
+                raise self.CClose(CloseCode.SERVER_ERROR, "VNC server protocol error") from (error)
         return super().send_frames(bufs)
 
     def send_ping(self, data=b""):

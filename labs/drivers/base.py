@@ -159,6 +159,9 @@ class ConsoleEndpoint:
     host: str = ""
     port: int = 0
     path: str = ""
+    # The desktop name the VNC server announces in its ServerInit: the console proxy
+    # refuses a server that names another VM.
+    desktop_name: str = ""
 
 
 # --- the protocol --------------------------------------------------------------------------

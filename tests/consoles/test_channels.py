@@ -481,7 +481,11 @@ async def test_tokens_never_reach_the_logs(cast, vnc, caplog):
 async def test_50_mb_each_way_arrive_intact(cast, fake_vnc):
     size = 50 * 1024 * 1024
     rng = random.Random(1)
-    to_browser, to_vm = rng.randbytes(size), rng.randbytes(size)
+    # Both streams open as RFB does (the proxy checks the server's desktop name), then
+    # carry random bytes.
+    greeting = VERSION + b"\x01\x01" + bytes(4) + SERVER_INIT
+    to_browser = greeting + rng.randbytes(size - len(greeting))
+    to_vm = VERSION + rng.randbytes(size - len(VERSION))
     server = await fake_vnc(source=to_browser)
     await update_vms(
         Vm.objects.filter(pk=cast.vm_a.pk), vnc_host="127.0.0.1", vnc_port=server.port
@@ -758,3 +762,25 @@ async def test_a_view_only_console_closes_on_something_that_is_not_rfb(cast, vnc
         assert (await page.closed())["code"] == 1002
     [session] = await console_sessions()
     assert session.close_reason.startswith("protocol error")
+
+
+# -- whose screen ----------------------------------------------------------------------------
+
+
+async def test_a_server_announcing_another_vm_is_closed_before_its_screen(cast, vnc):
+    """The endpoint the VM recorded answers with another VM's desktop (a freed port handed
+    to the next VM that started): the console closes before that VM's ServerInit."""
+    await update_vms(Vm.objects.filter(pk=cast.vm_a.pk), vnc_name="QEMU (someone else)")
+    async with console_of(cast.alice, cast.vm_a) as page:
+        assert await page.read(12) == VERSION
+        for frame in (VERSION, b"\x01", b"\x01"):
+            await page.send(frame)
+        received = bytearray(page.buffer)
+        while (message := await page.communicator.receive_output(5))["type"] != (
+            "websocket.close"
+        ):
+            received += message["bytes"]
+        assert message["code"] == 4001
+        assert SERVER_INIT not in received and b"fake" not in received
+    [session] = await console_sessions()
+    assert session.close_reason == "not this VM's console"

@@ -5,7 +5,13 @@ import struct
 
 import pytest
 
-from labs.consoles.rfb import MAX_CUT_TEXT, ClientStreamFilter, RfbProtocolError
+from labs.consoles.rfb import (
+    MAX_CUT_TEXT,
+    ClientStreamFilter,
+    RfbProtocolError,
+    ServerStreamWatcher,
+    WrongDesktop,
+)
 
 HANDSHAKE_38 = b"RFB 003.008\n" + b"\x01"  # version, security type None
 PIXEL_FORMAT = bytes([32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0])
@@ -237,3 +243,53 @@ def test_what_a_viewer_forwards_holds_no_input_however_it_is_framed():
         again = ClientStreamFilter(drop_input=True)
         assert again.feed(forwarded) == forwarded
         assert again.dropped_messages == 0
+
+
+# --- whose screen is it: the server's ServerInit ---------------------------------------------
+
+SERVER_INIT_HEAD = struct.pack(">HH", 640, 480) + bytes(16)
+
+
+def server_init(name: bytes) -> bytes:
+    return SERVER_INIT_HEAD + struct.pack(">I", len(name)) + name
+
+
+def greeting(name: bytes, *, version: bytes = b"RFB 003.008\n") -> bytes:
+    if version == b"RFB 003.003\n":
+        return b"RFB 003.008\n" + struct.pack(">I", 1) + server_init(name)
+    result = bytes(4) if version == b"RFB 003.008\n" else b""
+    return b"RFB 003.008\n" + b"\x01\x01" + result + server_init(name)
+
+
+@pytest.mark.parametrize("version", [b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"])
+def test_the_vms_own_server_passes_whole_in_any_chunking(version):
+    stream = greeting(b"QEMU (stratus-vm-7)", version=version) + b"screen bytes"
+    watcher = ServerStreamWatcher(expected_name="QEMU (stratus-vm-7)")
+    watcher.client_feed(version)
+    out = b"".join(watcher.feed(stream[i : i + 1]) for i in range(len(stream)))
+    assert out == stream and watcher.done
+
+
+def test_another_vms_server_is_stopped_before_its_server_init():
+    stream = greeting(b"QEMU (stratus-vm-8)") + b"screen bytes"
+    watcher = ServerStreamWatcher(expected_name="QEMU (stratus-vm-7)")
+    watcher.client_feed(b"RFB 003.008\n")
+    forwarded = bytearray()
+    with pytest.raises(WrongDesktop, match="stratus-vm-8"):
+        for byte in stream:
+            forwarded += watcher.feed(bytes([byte]))
+    # Only the version, the security types and the result went out: nothing of the VM.
+    assert bytes(forwarded) == b"RFB 003.008\n\x01\x01" + bytes(4)
+
+
+def test_a_server_that_wants_a_password_is_refused():
+    watcher = ServerStreamWatcher(expected_name="x")
+    watcher.client_feed(b"RFB 003.008\n")
+    with pytest.raises(RfbProtocolError, match="None"):
+        watcher.feed(b"RFB 003.008\n\x01\x02")
+
+
+def test_a_server_that_is_not_rfb_is_refused():
+    watcher = ServerStreamWatcher(expected_name="x")
+    with pytest.raises(RfbProtocolError, match="RFB"):
+        watcher.feed(b"HTTP/1.1 200 OK\r\n")

@@ -37,15 +37,24 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # --- the cast's VMs behind fake VNC servers ------------------------------------------------
 
 
+VERSION = b"RFB 003.008\n"
+SERVER_INIT = struct.pack(">HHBBBBHHHBBB3xI", 4, 4, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0, 4)
+SERVER_INIT += b"fake"  # the desktop name the VMs below record
+# What an RFB 3.8 server with security None sends before the client's first message.
+GREETING = VERSION + b"\x01\x01" + bytes(4) + SERVER_INIT
+
+
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self):
         self.server.connections += 1
+        self.request.sendall(GREETING)
         while data := self.request.recv(65536):
             self.request.sendall(data)
 
 
 class EchoServer(socketserver.ThreadingTCPServer):
-    """Stands in for a guest's VNC server on loopback: sends back what it gets."""
+    """Stands in for a guest's VNC server on loopback: greets as an RFB server naming its
+    desktop "fake" (the proxy checks the name), then sends back what it gets."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -95,6 +104,7 @@ def vms(group_a, group_b, course, echo_servers):
             observed_state=ObservedState.RUNNING,
             vnc_host="127.0.0.1",
             vnc_port=echo.port,
+            vnc_name="fake",
         )
 
     a, b, a2 = echo_servers
@@ -172,6 +182,20 @@ def open_console(proxy, vm, token=None, *, session_key=None, origin=ORIGIN, quer
     )
 
 
+def recv_exactly(ws, size: int) -> bytes:
+    received = b""
+    while len(received) < size:
+        received += ws.recv(timeout=10)
+    return received
+
+
+def hello(ws) -> None:
+    """The browser's first words: its protocol version, after which the server's greeting
+    (and the echo of the version) arrive."""
+    ws.send(VERSION)
+    assert recv_exactly(ws, len(GREETING) + len(VERSION)) == GREETING + VERSION
+
+
 def refused(proxy, vm, token=None, **kwargs) -> int:
     with pytest.raises(InvalidStatus) as error:
         open_console(proxy, vm, token, **kwargs).close()
@@ -198,6 +222,7 @@ def test_bytes_round_trip_through_the_proxy(proxy, vms, alice, client, echo_serv
 
     with open_console(proxy, vm_a, token, session_key=session_key) as ws:
         assert ws.subprotocol == consoles.SUBPROTOCOL_PREFIX + token
+        hello(ws)
         for i in range(0, len(payload), 50_000):
             ws.send(payload[i : i + 50_000])
         received = b""
@@ -210,7 +235,8 @@ def test_bytes_round_trip_through_the_proxy(proxy, vms, alice, client, echo_serv
     assert wait_for(lambda: ConsoleSession.objects.filter(ended_at__isnull=False).exists())
     record = ConsoleSession.objects.get()
     assert (record.user, record.vm, record.view_only) == (alice, vm_a, False)
-    assert record.bytes_to_vm == record.bytes_from_vm == len(payload)
+    assert record.bytes_to_vm == len(VERSION) + len(payload)
+    assert record.bytes_from_vm == len(GREETING) + len(VERSION) + len(payload)
     assert token not in proxy["log"].read_text()
 
 
@@ -219,6 +245,7 @@ def test_a_used_ticket_is_refused(proxy, vms, alice, client):
     session_key = session_of(client, alice)
     token = ticket_for(alice, vm_a, session_key)
     with open_console(proxy, vm_a, token, session_key=session_key) as ws:
+        hello(ws)
         ws.send(b"RFB")
         assert ws.recv(timeout=10) == b"RFB"
     assert refused(proxy, vm_a, token, session_key=session_key) == 403
@@ -292,10 +319,9 @@ def test_an_observers_input_never_reaches_the_vm(proxy, vms, ines, client, echo_
     update_request = struct.pack(">BBHHHH", 3, 1, 0, 0, 640, 480)
     with open_console(proxy, vm_a, token, session_key=session_key) as ws:
         ws.send(handshake + key_event + update_request)
-        expected = b"RFB 003.008\n" + b"\x01" + b"\x01" + update_request  # shared, no key
-        received = b""
-        while len(received) < len(expected):
-            received += ws.recv(timeout=10)
+        # The server's greeting, then the echo: shared, no key.
+        expected = GREETING + b"RFB 003.008\n" + b"\x01" + b"\x01" + update_request
+        received = recv_exactly(ws, len(expected))
     assert received == expected
     assert wait_for(lambda: ConsoleSession.objects.filter(ended_at__isnull=False).exists())
     assert ConsoleSession.objects.get().view_only is True
@@ -307,6 +333,7 @@ def test_a_session_ends_when_the_vm_stops(proxy, vms, bob, client):
     with open_console(
         proxy, vm_a, ticket_for(bob, vm_a, session_key), session_key=session_key
     ) as ws:
+        hello(ws)
         ws.send(b"still here")
         assert ws.recv(timeout=10) == b"still here"
         Vm.objects.filter(pk=vm_a.pk).update(observed_state=ObservedState.SHUTOFF)
@@ -321,6 +348,7 @@ def test_an_instructor_can_drive_through_the_proxy(proxy, vms, ines, client):
     with open_console(
         proxy, vm_a, ticket_for(ines, vm_a, session_key), session_key=session_key
     ) as ws:
+        hello(ws)
         ws.send(b"hello")
         assert ws.recv(timeout=10) == b"hello"
 
@@ -340,3 +368,19 @@ def test_ticket_consume_takes_a_ticket_once(alice, vms, client):
     assert (first.user_id, first.vm_id, first.view_only) == (alice.pk, vm_a.pk, False)
     assert ticket_consume(token=token) is None
     assert ticket_consume(token="") is None and ticket_consume(token="x" * 200) is None
+
+
+def test_a_server_announcing_another_vm_is_closed_before_its_screen(proxy, vms, alice, client):
+    vm_a, _, _ = vms
+    Vm.objects.filter(pk=vm_a.pk).update(vnc_name="QEMU (someone else)")
+    session_key = session_of(client, alice)
+    with open_console(
+        proxy, vm_a, ticket_for(alice, vm_a, session_key), session_key=session_key
+    ) as ws:
+        ws.send(VERSION)
+        received = b""
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                received += ws.recv(timeout=10)
+    assert closed.value.rcvd.code == CloseCode.REVOKED
+    assert SERVER_INIT not in received and b"fake" not in received

@@ -171,7 +171,7 @@ def test_an_empty_title_and_description_are_left_out_not_sent_empty(host, make_s
     assert host.hv.state(spec.name) == "running"
 
 
-def test_domain_xml_boots_the_overlay_with_the_seed_on_ide_and_loopback_vnc(make_spec):
+def test_domain_xml_boots_the_overlay_with_the_seed_on_ide_and_vnc_on_its_own_socket(make_spec):
     spec = make_spec()
     root = parse(build_domain_xml(spec, overlay_path="/s/o.qcow2", seed_path="/s/s.iso"))
 
@@ -191,9 +191,11 @@ def test_domain_xml_boots_the_overlay_with_the_seed_on_ide_and_loopback_vnc(make
     assert cdrom.find("target").attrib == {"dev": "hdc", "bus": "ide"}
     assert cdrom.find("readonly") is not None
     assert cdrom.find("source").get("file") == "/s/s.iso"
+    # A unix socket of the domain's own (libvirt picks the path), no TCP port at all, and
+    # no client can make QEMU drop the other viewers.
     graphics = root.find("devices/graphics")
-    assert graphics.get("listen") == "127.0.0.1"
-    assert [listen.get("address") for listen in graphics.findall("listen")] == ["127.0.0.1"]
+    assert graphics.attrib == {"type": "vnc", "sharePolicy": "force-shared"}
+    assert [listen.attrib for listen in graphics.findall("listen")] == [{"type": "socket"}]
     assert root.find("devices/video/model").get("type") == "vga"
     channel = root.find("devices/channel/target")
     assert channel.get("name") == "org.qemu.guest_agent.0"
@@ -614,7 +616,9 @@ def test_console_reads_the_vnc_port_from_the_live_xml(host):
     )
     host.hv.start("stratus-vm-9")
 
-    assert host.hv.console("stratus-vm-9") == ConsoleEndpoint("tcp", host="127.0.0.1", port=5907)
+    assert host.hv.console("stratus-vm-9") == ConsoleEndpoint(
+        "tcp", host="127.0.0.1", port=5907, desktop_name="QEMU (stratus-vm-9)"
+    )
 
 
 def test_console_reads_a_unix_socket_from_the_live_xml(host):
@@ -626,7 +630,9 @@ def test_console_reads_a_unix_socket_from_the_live_xml(host):
     )
     host.hv.start("stratus-vm-9")
 
-    assert host.hv.console("stratus-vm-9") == ConsoleEndpoint("unix", path=sock)
+    assert host.hv.console("stratus-vm-9") == ConsoleEndpoint(
+        "unix", path=sock, desktop_name="QEMU (stratus-vm-9)"
+    )
 
 
 def test_a_stopped_vm_has_no_console(host, make_spec):

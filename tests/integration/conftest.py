@@ -79,6 +79,31 @@ def _domain_prefix(settings):
     settings.STRATUS_DOMAIN_PREFIX = PREFIX
 
 
+@pytest.fixture(autouse=True)
+def _no_guest_outlives_its_test(request):
+    """A test that failed half-way leaves no guest running into the next one (its SSH
+    forward would hold the port the next test's first VM gets): after each test, this
+    run's domains are destroyed and undefined and their disks removed."""
+    yield
+    if "storage_dir" not in request.fixturenames:
+        return
+    storage = request.getfixturevalue("storage_dir")
+    for name in _virsh("list", "--all", "--name").stdout.split():
+        if name.startswith(PREFIX):
+            _virsh("destroy", name)
+            _virsh("undefine", name, "--snapshots-metadata", "--managed-save")
+            for leftover in storage.glob(f"{name}*"):
+                leftover.unlink(missing_ok=True)
+            _virsh("pool-refresh", _pool_of(storage))
+
+
+def _pool_of(path: Path) -> str:
+    for line in _virsh("pool-list", "--all", "--name").stdout.split():
+        if f"<path>{path}</path>" in _virsh("pool-dumpxml", line).stdout:
+            return line
+    return ""
+
+
 class Worker:
     """A real `celery worker` process on this run's host queue."""
 

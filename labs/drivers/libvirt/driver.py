@@ -464,9 +464,13 @@ class LibvirtDriver(StorageMixin):
         graphics = live.find("./devices/graphics[@type='vnc']")
         if graphics is None:
             raise HypervisorError(f"VM {name} on host {self.host} has no VNC console")
+        # libvirt starts QEMU with -name guest=<domain>, and QEMU's VNC server announces
+        # "QEMU (<name>)" as its desktop name.
+        desktop = f"QEMU ({name})"
         for listen in graphics.findall("listen"):
             if listen.get("type") == "socket" and listen.get("socket"):
-                return ConsoleEndpoint(kind="unix", path=listen.get("socket", ""))
+                path = listen.get("socket", "")
+                return ConsoleEndpoint(kind="unix", path=path, desktop_name=desktop)
         port = int(graphics.get("port", "-1"))
         if port <= 0:
             raise HypervisorError(f"VM {name} on host {self.host} has no VNC port yet")
@@ -474,7 +478,7 @@ class LibvirtDriver(StorageMixin):
         for listen in graphics.findall("listen"):
             if listen.get("type") == "address" and listen.get("address"):
                 address = listen.get("address", address)
-        return ConsoleEndpoint(kind="tcp", host=address, port=port)
+        return ConsoleEndpoint(kind="tcp", host=address, port=port, desktop_name=desktop)
 
 
 _UNDEFINE_BASIC = (

@@ -108,9 +108,12 @@ def build_domain_xml(spec: VmSpec, *, overlay_path: str, seed_path: str) -> str:
     channel = sub(devices, "channel", type="unix")
     sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
 
-    # VNC on loopback only (QEMU offers no VNC authentication): the portal proxies it.
-    graphics = sub(devices, "graphics", type="vnc", port="-1", autoport="yes", listen="127.0.0.1")
-    sub(graphics, "listen", type="address", address="127.0.0.1")
+    # VNC on a unix socket of its own (QEMU offers no VNC authentication): libvirt makes
+    # one per running domain (/var/lib/libvirt/qemu/domain-N-<name>/vnc.sock, read from
+    # the live XML after every start), so no freed TCP port can ever lead a console to
+    # another VM. force-shared: no client can make QEMU drop the other viewers.
+    graphics = sub(devices, "graphics", type="vnc", sharePolicy="force-shared")
+    sub(graphics, "listen", type="socket")
     video = sub(devices, "video")
     sub(video, "model", type="vga")  # plain VGA: a readable text console in noVNC
     sub(devices, "memballoon", model="virtio")
