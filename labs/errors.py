@@ -48,6 +48,12 @@ class OverQuota(Refused):
     http_status = 422
 
 
+class Unavailable(StratusError):
+    """A service Stratus needs did not answer (Redis for console tickets): try later."""
+
+    http_status = 503
+
+
 class NotAllowed(StratusError, PermissionDenied):
     """The user may not do this (Django answers a PermissionDenied with 403 by itself)."""
 

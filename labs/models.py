@@ -374,6 +374,11 @@ class Operation(models.Model):
     attempts = models.PositiveSmallIntegerField(default=0)
     worker = models.CharField(max_length=200, blank=True)
     celery_task_id = models.CharField(max_length=64, blank=True)
+    # The outbox (labs/compute/dispatch.py): the row is the truth, a task message is a
+    # delivery attempt; the sweeper sends again what stays queued and unclaimed.
+    sent_at = models.DateTimeField(null=True, blank=True)
+    send_attempts = models.PositiveSmallIntegerField(default=0)
+    send_error = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -396,6 +401,27 @@ class Operation(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_OPERATION_STATUSES
+
+    @property
+    def waiting(self) -> str:
+        """Why a queued operation has not started yet, for the pages ("" if not waiting)."""
+        return waiting_note(self.status, self.send_error, self.created_at)
+
+
+WAIT_NOTICE_SECONDS = 30  # a queued operation this old without a worker is worth a word
+
+
+def waiting_note(status: str, send_error: str, created_at, now=None) -> str:
+    """ "waiting for the task queue since 14:03" (the broker did not take it) or "waiting
+    for a worker since 14:03" (sent, not claimed for a while); "" otherwise."""
+    if status != OperationStatus.QUEUED or created_at is None:
+        return ""
+    since = timezone.localtime(created_at).strftime("%H:%M")
+    if send_error:
+        return f"waiting for the task queue since {since}"
+    if ((now or timezone.now()) - created_at).total_seconds() > WAIT_NOTICE_SECONDS:
+        return f"waiting for a worker since {since}"
+    return ""
 
 
 class ConsoleSession(models.Model):

@@ -22,7 +22,7 @@ from labs.choices import (
     OperationStatus,
 )
 from labs.compute.placement import HostUsage, host_usages
-from labs.models import Course, Group, Membership, Operation, Vm
+from labs.models import Course, Group, Membership, Operation, Vm, waiting_note
 
 
 def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
@@ -211,9 +211,10 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
         members[group_id].append(username)
     activity = {
         vm_id: f"{_OP_KIND.get(kind, kind)}: {_OP_STATUS.get(status, status).lower()}"
-        for vm_id, kind, status in Operation.objects.filter(
+        + (f" — {note}" if (note := waiting_note(status, send_error, created_at)) else "")
+        for vm_id, kind, status, send_error, created_at in Operation.objects.filter(
             vm__group__course=course, status__in=ACTIVE_OPERATION_STATUSES
-        ).values_list("vm_id", "kind", "status")
+        ).values_list("vm_id", "kind", "status", "send_error", "created_at")
     }
     vms: dict[int, list[OverviewVm]] = defaultdict(list)
     vm_tally: Counter[str] = Counter()

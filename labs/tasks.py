@@ -98,6 +98,14 @@ def reconcile_all() -> str:
     )
 
 
+@shared_task(name="labs.tasks.operations_resend", ignore_result=True)
+def operations_resend() -> int:
+    """Beat, every few seconds: send again what stays queued and unclaimed (the outbox)."""
+    from labs.compute import dispatch
+
+    return len(dispatch.operations_resend())
+
+
 @worker_ready.connect
 def recover_orphans(sender=None, **kwargs):
     """A worker that starts re-queues what a killed worker of the same node left running."""

@@ -200,7 +200,9 @@ def vm_operation(request, vm_id: int, kind: str):
     except StratusError as error:
         say_refusal(request, error)
     else:
-        messages.success(request, f"{op.get_kind_display()} of {vm.name} is queued.")
+        op.refresh_from_db(fields=["send_error"])
+        later = "; it starts when the task queue is back" if op.send_error else ""
+        messages.success(request, f"{op.get_kind_display()} of {vm.name} is queued{later}.")
     return redirect("labs:group_detail", group_id=vm.group_id)
 
 
@@ -231,9 +233,12 @@ def vm_console_ticket(request, vm_id: int):
     view_only = request.POST.get("mode") == "view"
     if view_only and not access.may(request.user, Action.OBSERVE, vm):
         view_only = False  # observe mode is for course staff; members always drive
-    token = tickets.ticket_issue(
-        user=request.user, vm=vm, session_key=request.session.session_key, view_only=view_only
-    )
+    try:
+        token = tickets.ticket_issue(
+            user=request.user, vm=vm, session_key=request.session.session_key, view_only=view_only
+        )
+    except StratusError as error:  # Redis, where tickets live, is away
+        return JsonResponse({"error": error.message}, status=error.http_status)
     response = JsonResponse(
         {"ticket": token, "expires_in": settings.CONSOLE_TICKET_TTL, "view_only": view_only}
     )

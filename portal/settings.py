@@ -143,6 +143,13 @@ CELERY_BEAT_SCHEDULE = {
         "task": "labs.tasks.reconcile_all",
         "schedule": env_int("RECONCILE_INTERVAL_SECONDS", 60),
     },
+    # The outbox's sweeper: queued operations whose message was lost (or never sent,
+    # the broker being away) are sent again (labs/compute/dispatch.py).
+    "operations-resend": {
+        "task": "labs.tasks.operations_resend",
+        "schedule": env_int("RESEND_INTERVAL_SECONDS", 5),
+        "options": {"expires": 10},
+    },
 }
 
 # VMs

@@ -45,7 +45,11 @@ if ! redis_up; then
     if [[ -d /run/systemd/system ]]; then
       $sudo systemctl start redis-server
     else
-      $sudo redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+      # Queued operations' messages live here: keep them on disk (append-only file under
+      # var/), so a restart of this Redis loses none (the outbox would resend them anyway).
+      mkdir -p var/redis
+      $sudo redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" \
+        --appendonly yes --appendfsync everysec --dir "$PWD/var/redis"
     fi
     for _ in $(seq 50); do redis_up && break; sleep 0.1; done
   fi

@@ -25,6 +25,10 @@ from labs.models import Operation
 
 log = logging.getLogger(__name__)
 
+# Runs of one operation at most: counted on the row, so a message sent twice (the outbox
+# sends again what looks lost) never gives an operation more tries.
+MAX_ATTEMPTS = 6
+
 
 @dataclass(frozen=True)
 class RunOutcome:
@@ -72,9 +76,12 @@ def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutc
         kinds.CATALOGUE[op.kind].executor(op)
     except HypervisorUnavailable as error:
         message = events.without_host_uri(f"{error} — the host did not answer", op.vm)
-        if may_retry:
+        if may_retry and op.attempts < MAX_ATTEMPTS:
             Operation.objects.filter(pk=op.pk).update(
-                status=OperationStatus.QUEUED, error=message, progress="waiting to retry"
+                status=OperationStatus.QUEUED,
+                error=message,
+                progress="waiting to retry",
+                sent_at=timezone.now(),  # the task's retry is on its way: no resend yet
             )
             events.operation_changed(operation=op)
             return RunOutcome("retry", message)

@@ -21,6 +21,7 @@ import redis.asyncio
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 
+from labs.errors import Unavailable
 from labs.live.events import layer_publish
 from labs.models import Vm
 
@@ -64,7 +65,13 @@ def ticket_issue(
             "view_only": view_only,
         }
     )
-    _redis().set(_key(token), payload, ex=settings.CONSOLE_TICKET_TTL)
+    try:
+        _redis().set(_key(token), payload, ex=settings.CONSOLE_TICKET_TTL)
+    except redis.RedisError as error:
+        raise Unavailable(
+            "The console cannot open right now: its ticket service is not answering. "
+            "Try again in a minute."
+        ) from error
     return token
 
 
