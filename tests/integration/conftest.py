@@ -124,6 +124,8 @@ class Worker:
             **env,
         }
         environment.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        self.log.touch()
+        logged = self.log.stat().st_size
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -154,7 +156,7 @@ class Worker:
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if b"ready." in self.log.read_bytes():
+            if b"ready." in self.log.read_bytes()[logged:]:  # this start's, not an earlier
                 return
             if self.proc.poll() is not None:
                 break

@@ -117,7 +117,8 @@ def test_a_member_sees_the_login_prompt_and_types_into_the_console(
     )
     wait_operation(provision)
     vm.refresh_from_db()
-    assert vm.vnc_host == "127.0.0.1" and vm.vnc_port
+    # The console is the domain's own unix socket (no TCP port at all), and its name.
+    assert vm.vnc_socket and vm.vnc_port is None and vm.vnc_name == f"QEMU ({vm.domain_name})"
     wait_for_ssh(key, vm.ssh_port)
     wait_for(
         lambda: "login:" in tty1_text(key, vm.ssh_port),
