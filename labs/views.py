@@ -17,7 +17,7 @@ from labs.access import Action
 from labs.choices import GroupStatus, ObservedState, Role
 from labs.compute import bulk as bulk_services
 from labs.compute import kinds, quotas, requests
-from labs.consoles import rules, tickets
+from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
 from labs.forms import BulkActionForm, GroupEditForm, GroupKeyForm, GroupSignupForm
 from labs.people import groups as group_services
@@ -228,6 +228,8 @@ def vm_console_ticket(request, vm_id: int):
     vm = selectors.vm_for_user(user=request.user, vm_id=vm_id)
     if vm.observed_state != ObservedState.RUNNING:
         return JsonResponse({"error": f"{vm.name} is not running."}, status=409)
+    if (too_many := leases.console_cap_message(user_id=request.user.pk)) is not None:
+        return JsonResponse({"error": too_many}, status=429)
     view_only = request.POST.get("mode") == "view"
     if view_only and not access.may(request.user, Action.OBSERVE, vm):
         view_only = False  # observe mode is for course staff; members always drive

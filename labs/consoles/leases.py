@@ -69,7 +69,25 @@ def _renew_args(kind: str, user_id: int, lease: str) -> tuple[list[str], list]:
     return [_key(kind, user_id)], [time.time() + LEASE_SECONDS, lease, LEASE_SECONDS + 5]
 
 
-# --- synchronous (the websockify proxy) ---------------------------------------------------
+# --- synchronous (the websockify proxy, the ticket view) ----------------------------------
+
+
+def leases_held(*, kind: str, user_id: int) -> int:
+    """How many live sockets of this kind the user holds now."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return client.zcount(_key(kind, user_id), time.time(), "+inf")
+    finally:
+        client.close()
+
+
+def console_cap_message(*, user_id: int) -> str | None:
+    """What the console page says when the user may open no more consoles, else None
+    (the transports refuse beyond the cap anyway; this is the readable half)."""
+    cap = cap_of(CONSOLE)
+    if leases_held(kind=CONSOLE, user_id=user_id) < cap:
+        return None
+    return f"You have {cap} consoles open, the most one person may have: close one first."
 
 
 def lease_take(*, kind: str, user_id: int) -> str | None:

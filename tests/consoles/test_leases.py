@@ -13,12 +13,13 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
 from django.test import Client
+from django.urls import reverse
 
 from labs.consoles import leases, tickets
 from labs.models import Vm
 from portal.asgi import application
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 ORIGIN = b"http://127.0.0.1:8000"
 
@@ -80,6 +81,7 @@ async def events_socket(session_key):
         await communicator.disconnect(timeout=3)
 
 
+@pytest.mark.asyncio
 async def test_a_user_gets_no_console_beyond_the_cap_until_one_closes(
     vm_a, vnc, alice, bob, settings
 ):
@@ -95,6 +97,7 @@ async def test_a_user_gets_no_console_beyond_the_cap_until_one_closes(
         assert again
 
 
+@pytest.mark.asyncio
 async def test_a_user_gets_no_events_socket_beyond_the_cap(alice, settings):
     settings.EVENTS_MAX_PER_USER = 2
     key = await login(alice)
@@ -106,6 +109,7 @@ async def test_a_user_gets_no_events_socket_beyond_the_cap(alice, settings):
         assert again
 
 
+@pytest.mark.asyncio
 async def test_the_leases_of_a_process_that_died_expire(vm_a, vnc, alice, settings):
     settings.CONSOLE_MAX_PER_USER = 1
     # A process that crashed with a console open: its lease was never dropped.
@@ -118,3 +122,18 @@ async def test_the_leases_of_a_process_that_died_expire(vm_a, vnc, alice, settin
     async with console(alice, vm_a, await login(alice)) as opened:
         assert opened
     client.close()
+
+
+def test_the_console_page_says_why_no_ticket_is_issued_at_the_cap(vm_a, alice, client, settings):
+    settings.CONSOLE_MAX_PER_USER = 1
+    redis_client = redis.Redis.from_url(django_settings.REDIS_URL)
+    redis_client.zadd(  # a console alice has open elsewhere
+        leases._key(leases.CONSOLE, alice.pk), {"elsewhere": time.time() + 30}
+    )
+    redis_client.close()
+    client.force_login(alice)
+    response = client.post(reverse("labs:vm_console_ticket", args=[vm_a.pk]))
+    assert response.status_code == 429
+    assert response.json() == {
+        "error": "You have 1 consoles open, the most one person may have: close one first."
+    }
