@@ -456,9 +456,11 @@ class RevocationListener:
             asyncio.run(self._main())
         except Exception:
             logger.exception("console proxy: revocation listener failed")
+            listening = self._ready.is_set()
             self._failed = True
             self._ready.set()
-            self.handler.revoke("revocation channel lost")
+            if listening:  # a session must not go on without its revocations
+                self.handler.revoke("revocation channel lost")
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
