@@ -160,6 +160,7 @@ class ConsoleConsumer(AsyncConsumer):
         )
         if self._revoked is not None:
             raise ConsoleDenied(f"revoked while connecting: {self._revoked}")
+        await self._session_check()
         self._limits = rules.Limits.now()
         if self.view_only:
             self._filter = ClientStreamFilter(drop_input=True)
@@ -295,6 +296,12 @@ class ConsoleConsumer(AsyncConsumer):
             )
         except Exception:
             log.exception("console session %s: group_discard failed", self._session_id)
+
+    async def _session_check(self) -> None:
+        """The browser session still signed in, checked after joining ``console.user``:
+        a sign-out or password change from here on reaches us as a message."""
+        if not await asession_signed_in(session_key=self._session_key, user_id=self.user_id):
+            raise ConsoleDenied("the browser session is no longer signed in")
 
     def console_recheck(self, event) -> None:
         """``tickets.console_access_recheck``: close at once if it names our browser
