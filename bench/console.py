@@ -573,6 +573,9 @@ def run(args, tmp: Path) -> list[Row]:
         "SECURE_SSL_REDIRECT": "0",
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
+        # 200 sessions of one bench user at once: lift the per-user and proxy caps.
+        "CONSOLE_MAX_PER_USER": "1000",
+        "CONSOLE_PROXY_MAX_CONNECTIONS": "1000",
     }
     env.pop("DATABASE_URL", None)
     os.environ.update(env)

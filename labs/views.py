@@ -17,7 +17,7 @@ from labs.access import Action
 from labs.choices import GroupStatus, ObservedState, Role
 from labs.compute import bulk as bulk_services
 from labs.compute import kinds, quotas, requests
-from labs.consoles import rules, tickets
+from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
 from labs.forms import BulkActionForm, GroupEditForm, GroupKeyForm, GroupSignupForm
 from labs.people import groups as group_services
@@ -234,10 +234,12 @@ def vm_console_ticket(request, vm_id: int):
     if view_only and not access.may(request.user, Action.OBSERVE, vm):
         view_only = False  # observe mode is for course staff; members always drive
     try:
+        if (too_many := leases.console_cap_message(user_id=request.user.pk)) is not None:
+            return JsonResponse({"error": too_many}, status=429)
         token = tickets.ticket_issue(
             user=request.user, vm=vm, session_key=request.session.session_key, view_only=view_only
         )
-    except StratusError as error:  # Redis, where tickets live, is away
+    except StratusError as error:  # Redis, where tickets and leases live, is away
         return JsonResponse({"error": error.message}, status=error.http_status)
     response = JsonResponse(
         {"ticket": token, "expires_in": settings.CONSOLE_TICKET_TTL, "view_only": view_only}

@@ -119,6 +119,22 @@ CONSOLE_MAX_SESSION = env_int("CONSOLE_MAX_SESSION", 8 * 3600)  # absolute limit
 CONSOLE_MAX_FRAME = env_int("CONSOLE_MAX_FRAME", 256 * 1024)  # bytes per websocket message
 if not 1 <= CONSOLE_TICKET_TTL <= 60:
     raise ImproperlyConfigured("CONSOLE_TICKET_TTL must be between 1 and 60 seconds")
+# Sockets one user may hold open at once (labs/consoles/leases.py), across every web
+# process and console proxy: consoles (both transports together) and /ws/events/ tabs.
+CONSOLE_MAX_PER_USER = env_int("CONSOLE_MAX_PER_USER", 4)
+EVENTS_MAX_PER_USER = env_int("EVENTS_MAX_PER_USER", 20)
+# The standalone console proxy (manage.py console_proxy): connections it serves at once
+# (each is a process), and seconds a client has to send its whole HTTP request.
+CONSOLE_PROXY_MAX_CONNECTIONS = env_int("CONSOLE_PROXY_MAX_CONNECTIONS", 64)
+CONSOLE_PROXY_HEADER_TIMEOUT = env_int("CONSOLE_PROXY_HEADER_TIMEOUT", 5)
+for _name in (
+    "CONSOLE_MAX_PER_USER",
+    "EVENTS_MAX_PER_USER",
+    "CONSOLE_PROXY_MAX_CONNECTIONS",
+    "CONSOLE_PROXY_HEADER_TIMEOUT",
+):
+    if globals()[_name] < 1:
+        raise ImproperlyConfigured(f"{_name} must be at least 1")
 
 # Celery. Operations are rows (labs.Operation); a task only carries the row's id.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)

@@ -14,7 +14,7 @@ import time
 from channels.consumer import AsyncConsumer
 from channels.layers import get_channel_layer
 
-from labs.consoles import rules, tickets
+from labs.consoles import leases, rules, tickets
 from labs.consoles.rfb import (
     ClientStreamFilter,
     RfbProtocolError,
@@ -22,6 +22,7 @@ from labs.consoles.rfb import (
     WrongDesktop,
 )
 from labs.consoles.rules import CloseCode, ConsoleDenied
+from labs.consoles.sessions import asession_signed_in, session_hash
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ class ConsoleConsumer(AsyncConsumer):
         self._reader_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         self._closing: asyncio.Future | None = None
+        # Revocation by user (labs.people.revocation) and the per-user cap.
+        self._session_key: str | None = None
+        self._user_grouped = False
+        self._recheck_pending: str | None = None
+        self._recheck_task: asyncio.Task | None = None
+        self._lease: str | None = None
+        self._lease_task: asyncio.Task | None = None
 
     # -- the ASGI loop -----------------------------------------------------------------
 
@@ -119,6 +127,8 @@ class ConsoleConsumer(AsyncConsumer):
             self._close(
                 f"revoked: {self._revoked}", code=CloseCode.REVOKED, browser_reason=self._revoked
             )
+        elif self._recheck_pending is not None:  # the user's access changed meanwhile
+            self._recheck_start(self._recheck_pending)
 
     async def _authorise_and_open(self) -> str:
         """Run every check, open the VNC connection; return the subprotocol to accept."""
@@ -140,19 +150,23 @@ class ConsoleConsumer(AsyncConsumer):
             ticket, user_id=self.user_id, session_key=session_key, vm_id=self.vm_id
         )
         self.view_only = ticket.view_only
+        self._session_key = session_key
         if self.channel_layer is None:
             raise ConsoleDenied("no channel layer: revocation would not work")
+        await self._lease_take()
         # Join the revocation group before reading the VM's state, so a revocation sent
         # after that state changed is never missed (it waits in our channel's queue).
         self.channel_name = await self.channel_layer.new_channel()
         self._listen_task = asyncio.create_task(self._listen())
         await self.channel_layer.group_add(tickets.vm_group(self.vm_id), self.channel_name)
         self._grouped = True
+        await self._user_group_join()
         target = await rules.atarget_for(
             user_id=self.user_id, vm_id=self.vm_id, view_only=self.view_only
         )
         if self._revoked is not None:
             raise ConsoleDenied(f"revoked while connecting: {self._revoked}")
+        await self._session_check()
         self._limits = rules.Limits.now()
         self._server_watch = ServerStreamWatcher(expected_name=target.desktop_name)
         if self.view_only:
@@ -258,6 +272,8 @@ class ConsoleConsumer(AsyncConsumer):
                 event = await self.channel_layer.receive(self.channel_name)
                 if event.get("type") == "console.revoke":
                     await self.console_revoke(event)
+                elif event.get("type") == tickets.RECHECK_MESSAGE:
+                    self.console_recheck(event)
         except Exception:
             # Without its revocation channel a session must not go on.
             log.exception("console session %s: channel layer failed", self._session_id)
@@ -278,6 +294,80 @@ class ConsoleConsumer(AsyncConsumer):
             return
         self._close(f"revoked: {reason}", code=CloseCode.REVOKED, browser_reason=reason)
 
+    # -- revocation by user: access ended, or the browser session signed out ---------
+
+    async def _user_group_join(self) -> None:
+        """Listen on ``console.user.<id>`` (``tickets.console_access_recheck``)."""
+        await self.channel_layer.group_add(tickets.user_group(self.user_id), self.channel_name)
+        self._user_grouped = True
+
+    async def _user_group_leave(self) -> None:
+        if not self._user_grouped:
+            return
+        self._user_grouped = False
+        try:
+            await self.channel_layer.group_discard(
+                tickets.user_group(self.user_id), self.channel_name
+            )
+        except Exception:
+            log.exception("console session %s: group_discard failed", self._session_id)
+
+    async def _session_check(self) -> None:
+        """The browser session still signed in, checked after joining ``console.user``:
+        a sign-out or password change from here on reaches us as a message."""
+        if not await asession_signed_in(session_key=self._session_key, user_id=self.user_id):
+            raise ConsoleDenied("the browser session is no longer signed in")
+
+    def console_recheck(self, event) -> None:
+        """``tickets.console_access_recheck``: close at once if it names our browser
+        session (a sign-out), else check access and session again (in a task: the
+        listener goes straight back to ``receive()``)."""
+        reason = str(event.get("reason") or "access ended")[:80]
+        ended = event.get("session_hash")
+        if ended and ended == session_hash(self._session_key):
+            if not self._accepted:
+                self._revoked = reason
+                return
+            self._close(f"revoked: {reason}", code=CloseCode.REVOKED, browser_reason=reason)
+            return
+        if not self._accepted:
+            self._recheck_pending = reason  # checked again once accepted
+            return
+        self._recheck_start(reason)
+
+    def _recheck_start(self, reason: str) -> None:
+        if self._closing is None:
+            self._recheck_task = asyncio.create_task(self._recheck(reason))
+
+    async def _recheck(self, reason: str) -> None:
+        try:
+            await rules.atarget_for(
+                user_id=self.user_id, vm_id=self.vm_id, view_only=self.view_only
+            )
+            allowed = await asession_signed_in(session_key=self._session_key, user_id=self.user_id)
+        except ConsoleDenied:
+            allowed = False
+        except Exception:  # cannot tell: a console must not outlive the access it needs
+            log.exception("console session %s: access re-check failed", self._session_id)
+            allowed = False
+        if not allowed:
+            self._close(f"revoked: {reason}", code=CloseCode.REVOKED, browser_reason=reason)
+
+    # -- the per-user cap (labs.consoles.leases) ---------------------------------------
+
+    async def _lease_take(self) -> None:
+        self._lease = await leases.alease_take(kind=leases.CONSOLE, user_id=self.user_id)
+        if self._lease is None:
+            raise ConsoleDenied("the user has CONSOLE_MAX_PER_USER consoles open")
+        self._lease_task = asyncio.create_task(
+            leases.alease_keep(kind=leases.CONSOLE, user_id=self.user_id, lease=self._lease)
+        )
+
+    async def _lease_drop(self) -> None:
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            await leases.alease_drop(kind=leases.CONSOLE, user_id=self.user_id, lease=lease)
+
     # -- closing, exactly once ---------------------------------------------------------
 
     async def websocket_disconnect(self, message) -> None:
@@ -295,7 +385,11 @@ class ConsoleConsumer(AsyncConsumer):
 
     async def _teardown(self, code: int | None, browser_reason: str) -> None:
         # 1. Stop the pumps, the timer and the channel listener.
-        tasks = [t for t in (self._reader_task, self._watch_task, self._listen_task) if t]
+        tasks = [
+            t
+            for t in (self._reader_task, self._watch_task, self._listen_task, self._lease_task)
+            if t
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -317,6 +411,8 @@ class ConsoleConsumer(AsyncConsumer):
                 )
             except Exception:
                 log.exception("console session %s: group_discard failed", self._session_id)
+        await self._user_group_leave()
+        await self._lease_drop()
         # 5. The audit row.
         if self._session_id is not None:
             try:

@@ -146,13 +146,15 @@ def _is_local(host: Host) -> bool:
     return server is None or _is_loopback(server)
 
 
-def vnc_endpoint_of(*, vm: Vm) -> VncEndpoint:
+def vnc_endpoint_of(*, vm: Vm, beside_host: bool = False) -> VncEndpoint:
     """The VM's VNC endpoint as its worker last recorded it; ConsoleDenied if unusable.
 
     Only a unix socket or a loopback port of a host whose loopback is ours: a remote
     hypervisor's console is reached through a tunnel, never across the network.
+    ``beside_host``: the caller runs on the VM's hypervisor (``manage.py console_proxy
+    --host``), whose loopback is its own whatever the host's URI says.
     """
-    if vm.host is None or not _is_local(vm.host):
+    if vm.host is None or not (beside_host or _is_local(vm.host)):
         raise ConsoleDenied("VM's host is remote: no console tunnel configured")
     if vm.vnc_socket:
         if not vm.vnc_socket.startswith("/"):
@@ -165,13 +167,16 @@ def vnc_endpoint_of(*, vm: Vm) -> VncEndpoint:
     raise ConsoleDenied("VM has no VNC endpoint")
 
 
-def target_for(*, user_id: int, vm_id: int, view_only: bool) -> ConsoleTarget:
+def target_for(
+    *, user_id: int, vm_id: int, view_only: bool, served_host: str = ""
+) -> ConsoleTarget:
     """Check, now, that this user may open this VM's console in this mode.
 
     The access policy decides (``access.may_console``): a driving console needs
     ``operate`` (a student member of the approved group, or course staff), a view-only one
     ``observe`` (course staff). The VM must be running (as last observed) and not being
-    deleted, with a usable VNC endpoint.
+    deleted, with a usable VNC endpoint. ``served_host``: the caller is the console proxy
+    beside that host (by name), which serves its VMs and no other host's.
     """
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
     if user is None:
@@ -185,7 +190,9 @@ def target_for(*, user_id: int, vm_id: int, view_only: bool) -> ConsoleTarget:
         raise ConsoleDenied("VM is being deleted")
     if vm.observed_state != ObservedState.RUNNING:
         raise ConsoleDenied("VM is not running")
-    endpoint = vnc_endpoint_of(vm=vm)
+    if served_host and (vm.host is None or vm.host.name != served_host):
+        raise ConsoleDenied(f"VM is not on host {served_host}")
+    endpoint = vnc_endpoint_of(vm=vm, beside_host=bool(served_host))
     if not vm.vnc_name:
         raise ConsoleDenied("VM's VNC desktop name is not recorded")
     return ConsoleTarget(

@@ -1,12 +1,16 @@
 """``/ws/events/``: the live events of one signed-in user's pages (docs/live-updates.md)."""
 
+import asyncio
+import contextlib
 import json
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.contrib.auth import get_user_model
 
+from labs.consoles import leases
 from labs.consoles.rules import CloseCode
+from labs.consoles.sessions import session_hash, session_signed_in
 from labs.live import events
 
 
@@ -18,7 +22,10 @@ class EventsConsumer(AsyncWebsocketConsumer):
     to the browser as one JSON text frame. Anonymous connections are refused before
     ``accept()``. The browser has nothing to say here: a frame over a few bytes closes the
     connection. When the user's access changes (``events.access_changed``), the
-    subscriptions are computed again and the page is told to refresh.
+    subscriptions are computed again and the page is told to refresh; when the account
+    or the browser session is no longer signed in (deactivated, password changed, signed
+    out: ``labs.people.revocation``), the socket closes with ``CloseCode.REVOKED``. A user
+    holds at most EVENTS_MAX_PER_USER of these at once (``labs.consoles.leases``).
     """
 
     MAX_CLIENT_FRAME = 16  # bytes; room for a "ping", nothing more
@@ -26,6 +33,8 @@ class EventsConsumer(AsyncWebsocketConsumer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.user_id: int | None = None
+        self._lease: str | None = None
+        self._lease_task: asyncio.Task | None = None
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -33,10 +42,39 @@ class EventsConsumer(AsyncWebsocketConsumer):
             await self.close()  # before accept(): the handshake is refused (HTTP 403)
             return
         self.user_id = user.pk
+        if not await self._lease_take():
+            await self.close()  # over EVENTS_MAX_PER_USER: refused like the rest
+            return
         if not await self._subscribe():
+            await self._lease_release()
             await self.close()
             return
         await self.accept()
+
+    async def _lease_take(self) -> bool:
+        self._lease = await leases.alease_take(kind=leases.EVENTS, user_id=self.user_id)
+        if self._lease is None:
+            return False
+        self._lease_task = asyncio.create_task(
+            leases.alease_keep(kind=leases.EVENTS, user_id=self.user_id, lease=self._lease)
+        )
+        return True
+
+    async def disconnect(self, code) -> None:
+        await self._lease_release()
+
+    async def _lease_release(self) -> None:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            await leases.alease_drop(kind=leases.EVENTS, user_id=self.user_id, lease=lease)
+
+    def _session_key(self) -> str | None:
+        session = self.scope.get("session")
+        return session.session_key if session is not None else None
 
     async def _subscribe(self) -> bool:
         """Join the channels the user may listen on now, leave the others; False when the
@@ -53,6 +91,10 @@ class EventsConsumer(AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _channels(self) -> set[str]:
+        """Where the user may listen now; nothing once the session is signed out (a
+        password change or reset ends it too)."""
+        if not session_signed_in(session_key=self._session_key(), user_id=self.user_id):
+            return set()
         user = get_user_model().objects.filter(pk=self.user_id).first()
         return events.channels_for(user=user) if user is not None else set()
 
@@ -77,7 +119,12 @@ class EventsConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=json.dumps(payload))
 
     async def events_access(self, event) -> None:
-        """``events.access_changed``: listen where the user may listen now."""
+        """``events.access_changed``: listen where the user may listen now.
+        (``events.access_recheck`` naming this session: it signed out.)"""
+        ended = event.get("session_hash")
+        if ended and ended == session_hash(self._session_key()):
+            await self.close(code=CloseCode.REVOKED)
+            return
         if not await self._subscribe():
             await self.close(code=CloseCode.REVOKED)
             return

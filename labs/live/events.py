@@ -78,6 +78,16 @@ def access_changed(*, user_id: int) -> None:
     _after_commit(lambda: layer_publish([(user_channel(user_id), {"type": ACCESS_MESSAGE})]))
 
 
+def access_recheck(*, user_id: int, session_hash: str = "") -> None:
+    """Now (call it after commit): the user's connections check the account and their
+    session again and re-subscribe; those of the session named by ``session_hash``
+    close (``labs.people.revocation``: a sign-out)."""
+    message = {"type": ACCESS_MESSAGE}
+    if session_hash:
+        message["session_hash"] = session_hash
+    layer_publish([(user_channel(user_id), message)])
+
+
 # --- who listens where ---------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from django.db.models.functions import Lower
 
 from labs.choices import STAFF_ROLES, Role
 from labs.models import Course, Membership
-from labs.people import mail
+from labs.people import mail, revocation
 
 logger = logging.getLogger(__name__)
 
@@ -504,6 +504,10 @@ def _apply(*, plan: _Plan, dry_run: bool) -> RosterReport:
         )
     if plan.changed_memberships:
         Membership.objects.bulk_update(plan.changed_memberships, ["role"])
+        # bulk_update sends no post_save: say it, so their consoles and pages re-check.
+        revocation.roles_changed.send(
+            sender=Membership, user_ids=[m.user_id for m in plan.changed_memberships]
+        )
     plan.lines.sort(key=lambda line: line.line)
     return RosterReport(dry_run=dry_run, lines=plan.lines, invited=len(plan.new_users))
 

@@ -42,7 +42,9 @@ def test_a_ticket_is_256_random_bits_stored_only_as_its_hash(alice, vm_a, settin
     assert len(token) == 43 and token != other  # token_urlsafe(32)
     raw, ttl = _stored(token)
     assert token.encode() not in raw
-    assert json.loads(raw) == {
+    stored = json.loads(raw)
+    assert len(stored.pop("mac")) == 64  # HMAC-SHA256, test_a_ticket_written_to_redis_...
+    assert stored == {
         "user_id": alice.pk,
         "vm_id": vm_a.pk,
         "session_hash": consoles.session_hash("s3ss10nkey"),
@@ -214,3 +216,38 @@ def test_a_session_row_is_written_at_start_and_at_end(alice, vm_a):
     ended = ConsoleSession.objects.get(pk=session_id)
     assert ended.ended_at is not None
     assert (ended.bytes_to_vm, ended.bytes_from_vm, ended.close_reason) == (5, 7, "r" * 100)
+
+
+# -- signed tickets: a write to Redis cannot mint one ---------------------------------------
+
+
+def _forged(user, vm, **extra) -> str:
+    token = "F" * 43
+    fields = {"user_id": user.pk, "vm_id": vm.pk, "session_hash": "", "view_only": False}
+    redis.Redis.from_url(django_settings.REDIS_URL).set(
+        consoles.TICKET_PREFIX + hashlib.sha256(token.encode()).hexdigest(),
+        json.dumps({**fields, **extra}),
+        ex=30,
+    )
+    return token
+
+
+@pytest.mark.parametrize("extra", [{}, {"mac": "0" * 64}, {"mac": 7}])
+def test_a_ticket_written_to_redis_without_the_secret_key_is_nothing(alice, vm_a, extra):
+    assert consoles.ticket_consume(token=_forged(alice, vm_a, **extra)) is None
+
+
+@pytest.mark.asyncio
+async def test_a_ticket_written_to_redis_without_the_secret_key_is_nothing_to_the_portal(
+    alice, vm_a
+):
+    token = await sync_to_async(_forged)(alice, vm_a)
+    assert await consoles.aticket_consume(token=token) is None
+
+
+def test_tickets_signed_before_a_secret_key_rotation_still_work(alice, vm_a, settings):
+    old_key = settings.SECRET_KEY
+    token = consoles.ticket_issue(user=alice, vm=vm_a, session_key="k", view_only=False)
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "a-new-secret-" * 4, [old_key]
+    ticket = consoles.ticket_consume(token=token)
+    assert (ticket.user_id, ticket.vm_id) == (alice.pk, vm_a.pk)

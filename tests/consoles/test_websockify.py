@@ -4,6 +4,9 @@ The proxy runs as its own process, as on a hypervisor, reading the test database
 browser is the `websockets` client offering the ticket as its subprotocol.
 """
 
+import copy
+import hashlib
+import json
 import os
 import secrets
 import socket
@@ -13,9 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+import redis
 from django.conf import settings
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
@@ -384,3 +389,189 @@ def test_a_server_announcing_another_vm_is_closed_before_its_screen(proxy, vms, 
                 received += ws.recv(timeout=10)
     assert closed.value.rcvd.code == CloseCode.REVOKED
     assert SERVER_INIT not in received and b"fake" not in received
+
+
+# --- the standalone proxy's own defences (issue 10, item 7) and the per-user cap ---------
+
+LAX_PREFIX = f"stratus-test-lax-proxy-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def lax_proxy(django_db_setup, tmp_path_factory):
+    """A proxy on another site (`--allow-without-session`) for host h9, at most two
+    connections, two seconds for the request, one console per user."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("lax-proxy") / "proxy.log"
+    env = {
+        **os.environ,
+        **child_db_env(),
+        "SECRET_KEY": settings.SECRET_KEY,
+        "REDIS_URL": settings.REDIS_URL,
+        "SITE_URL": ORIGIN,
+        "CHANNEL_LAYER_PREFIX": LAX_PREFIX,
+        "CONSOLE_MAX_PER_USER": "1",
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "console_proxy", "--listen", f"127.0.0.1:{port}"]
+            + ["--host", "h9", "--allow-without-session"]
+            + ["--max-connections", "2", "--header-timeout", "2"],
+            cwd=BASE_DIR,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while b"proxying from" not in log.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"console_proxy did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield {"port": port, "log": log}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def remote_vms(vms, settings, echo_servers):
+    """Group A's and group B's VMs on h9, a hypervisor the portal reaches over SSH: the
+    proxy runs beside it, so the recorded loopback endpoint is its own."""
+    layers = copy.deepcopy(settings.CHANNEL_LAYERS)
+    layers["default"]["CONFIG"]["prefix"] = LAX_PREFIX  # the leases the proxy counts
+    settings.CHANNEL_LAYERS = layers
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    for key in client.scan_iter(match=f"{LAX_PREFIX}:sockets:*"):
+        client.delete(key)
+    client.close()
+    h9 = Host.objects.create(
+        name="h9", uri="qemu+ssh://stratus@hv9.example/system", vcpus=8, memory_mib=8192,
+        disk_gib=99,
+    )  # fmt: skip
+    vm_a, vm_b, _ = vms
+    Vm.objects.filter(pk__in=[vm_a.pk, vm_b.pk]).update(host=h9)
+    return Vm.objects.get(pk=vm_a.pk), Vm.objects.get(pk=vm_b.pk)
+
+
+def _forge(vm, user, *, mac=None) -> str:
+    """A ticket written straight into Redis by someone without the SECRET_KEY."""
+    token = secrets.token_urlsafe(32)
+    fields = {"user_id": user.pk, "vm_id": vm.pk, "session_hash": "", "view_only": False}
+    if mac is not None:
+        fields["mac"] = mac
+    key = consoles.TICKET_PREFIX + hashlib.sha256(token.encode()).hexdigest()
+    redis.Redis.from_url(settings.REDIS_URL).set(key, json.dumps(fields), ex=30)
+    return token
+
+
+def test_a_ticket_the_portal_issued_opens_a_proxy_without_sessions(lax_proxy, remote_vms, alice):
+    vm_a, _ = remote_vms
+    token = ticket_for(alice, vm_a, "a-session-on-the-portal")
+    with open_console(lax_proxy, vm_a, token) as ws:
+        hello(ws)
+        ws.send(b"RFB")
+        assert ws.recv(timeout=10) == b"RFB"
+
+
+@pytest.mark.parametrize("mac", [None, "0" * 64])
+def test_a_ticket_written_into_redis_without_the_secret_key_opens_nothing(
+    lax_proxy, remote_vms, alice, echo_servers, mac
+):
+    vm_a, _ = remote_vms
+    assert refused(lax_proxy, vm_a, _forge(vm_a, alice, mac=mac)) == 403
+    assert echo_servers[0].connections == 0
+
+
+def test_a_signed_ticket_moved_to_another_token_opens_nothing(lax_proxy, remote_vms, alice):
+    vm_a, _ = remote_vms
+    genuine = ticket_for(alice, vm_a, "s")
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    value = client.get(consoles.TICKET_PREFIX + hashlib.sha256(genuine.encode()).hexdigest())
+    moved = secrets.token_urlsafe(32)
+    client.set(consoles.TICKET_PREFIX + hashlib.sha256(moved.encode()).hexdigest(), value, ex=30)
+    assert refused(lax_proxy, vm_a, moved) == 403
+
+
+def test_the_proxy_serves_only_its_own_hosts_vms(lax_proxy, remote_vms, vms, alice):
+    _, _, vm_a2 = vms  # group A's VM on h2 (qemu:///system: "local" to anyone)
+    assert refused(lax_proxy, vm_a2, ticket_for(alice, vm_a2, "s")) == 403
+
+
+def test_a_user_gets_no_more_consoles_than_the_cap(lax_proxy, remote_vms, alice, bob):
+    vm_a, _ = remote_vms
+    with open_console(lax_proxy, vm_a, ticket_for(alice, vm_a, "s")) as first:
+        hello(first)
+        first.send(b"1")
+        assert first.recv(timeout=10) == b"1"
+        assert refused(lax_proxy, vm_a, ticket_for(alice, vm_a, "s")) == 429
+        with open_console(lax_proxy, vm_a, ticket_for(bob, vm_a, "s")) as bobs:  # his own
+            hello(bobs)
+            bobs.send(b"2")
+            assert bobs.recv(timeout=10) == b"2"
+    # Closing frees the place at once.
+    assert wait_for(lambda: ConsoleSession.objects.filter(ended_at__isnull=True).count() == 0)
+    with open_console(lax_proxy, vm_a, ticket_for(alice, vm_a, "s")) as again:
+        hello(again)
+        again.send(b"3")
+        assert again.recv(timeout=10) == b"3"
+
+
+def test_the_proxy_serves_at_most_its_connection_cap(lax_proxy, remote_vms, alice, bob, ines):
+    vm_a, _ = remote_vms
+    with (
+        open_console(lax_proxy, vm_a, ticket_for(alice, vm_a, "s")) as one,
+        open_console(lax_proxy, vm_a, ticket_for(bob, vm_a, "s")) as two,
+    ):
+        for ws in (one, two):
+            hello(ws)
+            ws.send(b"x")
+            assert ws.recv(timeout=10) == b"x"
+        assert refused(lax_proxy, vm_a, ticket_for(ines, vm_a, "s")) == 503
+    # The slots free when the connections' processes end.
+    assert wait_for(lambda: _opens(lax_proxy, vm_a, ticket_for(ines, vm_a, "s")))
+
+
+def _opens(proxy, vm, token) -> bool:
+    try:
+        with open_console(proxy, vm, token) as ws:
+            hello(ws)
+            ws.send(b"y")
+            return ws.recv(timeout=10) == b"y"
+    except InvalidStatus:
+        return False
+
+
+def test_a_client_sending_its_request_slowly_is_dropped(lax_proxy):
+    request = b"GET /ws/vms/1/console/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40
+    with socket.create_connection(("127.0.0.1", lax_proxy["port"])) as sock:
+        started = time.monotonic()
+        sock.settimeout(0.4)
+        dropped_after = None
+        for byte in request:  # one byte every 0.4 s: 20 s for the whole request
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1024) == b"":
+                    dropped_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                dropped_after = time.monotonic() - started
+                break
+    assert dropped_after is not None and dropped_after < 4, dropped_after
+
+
+def test_the_proxy_will_not_start_without_a_host():
+    result = subprocess.run(
+        [sys.executable, "manage.py", "console_proxy", "--listen", "127.0.0.1:1"],
+        cwd=BASE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "--host" in result.stderr

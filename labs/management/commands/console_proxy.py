@@ -3,6 +3,7 @@
 python manage.py console_proxy --listen 127.0.0.1:6080 --host h1
 """
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from labs.consoles import websockify as console_proxy
@@ -25,7 +26,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--listen", default="127.0.0.1:6080", help="HOST:PORT to listen on")
         parser.add_argument(
-            "--host", default="", help="only serve VMs placed on this Stratus host (its name)"
+            "--host",
+            required=True,
+            help="the Stratus host (its name) this proxy runs beside: it serves that host's "
+            "VMs, whatever the host's libvirt URI, and no other host's",
         )
         parser.add_argument(
             "--allowed-origin",
@@ -48,6 +52,22 @@ class Command(BaseCommand):
             metavar="SECONDS",
             help="how often a running session re-checks access and its time limits",
         )
+        parser.add_argument(
+            "--max-connections",
+            type=int,
+            default=settings.CONSOLE_PROXY_MAX_CONNECTIONS,
+            metavar="N",
+            help="connections served at once (one process each); more get HTTP 503 "
+            "(default: CONSOLE_PROXY_MAX_CONNECTIONS)",
+        )
+        parser.add_argument(
+            "--header-timeout",
+            type=int,
+            default=settings.CONSOLE_PROXY_HEADER_TIMEOUT,
+            metavar="SECONDS",
+            help="seconds a client has to send its whole HTTP request "
+            "(default: CONSOLE_PROXY_HEADER_TIMEOUT)",
+        )
         parser.add_argument("--cert", default="", help="TLS certificate (PEM) for wss://")
         parser.add_argument("--key", default="", help="TLS key, if not in the certificate")
         parser.add_argument(
@@ -60,6 +80,11 @@ class Command(BaseCommand):
             raise CommandError("--ssl-only needs --cert")
         if options["recheck"] < 1:
             raise CommandError("--recheck must be at least 1 second")
+        if options["max_connections"] < 1:
+            raise CommandError("--max-connections must be at least 1")
+        if options["header_timeout"] < 1:
+            raise CommandError("--header-timeout must be at least 1 second")
+
         origins = options["allowed_origins"]
         server = console_proxy.proxy_server(
             listen_host=host,
@@ -71,12 +96,14 @@ class Command(BaseCommand):
             key=options["key"],
             ssl_only=options["ssl_only"],
             recheck_seconds=options["recheck"],
+            max_connections=options["max_connections"],
+            header_timeout=options["header_timeout"],
         )
         scheme = "wss" if options["cert"] else "ws"
         allowed = ", ".join(sorted(server.token_plugin.allowed_origins)) or "any"
         self.stdout.write(
             f"console proxy on {scheme}://{options['listen']} "
-            f"(VMs on {options['host'] or 'every host'}; origins: {allowed}; "
+            f"(VMs on {options['host']}; origins: {allowed}; "
             f"session cookie {'optional' if options['allow_without_session'] else 'required'})"
         )
         self.stdout.flush()
