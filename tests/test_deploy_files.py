@@ -261,3 +261,59 @@ def test_compose_refuses_to_start_without_a_required_variable(tmp_path, missing)
 
     assert result.returncode != 0
     assert f"set {missing}" in result.stderr
+
+
+# What an operator keeps beside docker-compose.yml: compose's variable file, the worker's
+# SSH key pair for qemu+ssh:// hosts (docs/deploy.md, STRATUS_SSH_DIR=./ssh), and var/
+# (the development secret key, SQLite, the demo's SSH key).
+SECRET_FILES = [
+    ".env",
+    ".env.production",
+    "ssh/id_ed25519",
+    "ssh/id_ed25519.pub",
+    "ssh/known_hosts",
+    "var/dev-secret-key",
+    "var/stratus.sqlite3",
+]
+
+
+def docker_ignored(path: str) -> bool:
+    """Whether `docker build` leaves PATH out of the context, by .dockerignore's rules:
+    patterns anchored at the context root, `*` within one path element, `**` across
+    them, a match on a directory excludes what is under it, the last matching line wins
+    (`!` re-includes)."""
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.removeprefix("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        regex = regex.replace(r"\?", "[^/]")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
+            ignored = not negate
+    return ignored
+
+
+@pytest.mark.parametrize("path", SECRET_FILES)
+def test_the_image_never_contains_the_operators_secrets(path):
+    assert docker_ignored(path), f"COPY . . would bake {path} into the image"
+
+
+def test_the_image_keeps_the_code_it_runs():
+    for path in ("manage.py", "labs/models.py", "static/js/live.js", "templates/base.html"):
+        assert not docker_ignored(path), path
+
+
+@pytest.mark.parametrize("path", SECRET_FILES)
+def test_git_never_offers_to_commit_the_operators_secrets(path):
+    result = subprocess.run(
+        ["git", "check-ignore", "--quiet", "--no-index", path],  # noqa: S607
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, f"git would commit {path}"
