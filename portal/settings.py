@@ -212,6 +212,24 @@ else:
             "BACKEND": env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
         }
     }
+# Invitation emails carry password-set links. In production a backend that keeps mail on
+# this machine would print them to the log (console), keep them in memory or files, or drop
+# them without a word: refuse to start instead. Benchmarks and the image build, which send
+# no mail, say so with ALLOW_LOCAL_EMAIL_BACKEND.
+LOCAL_EMAIL_BACKENDS = {
+    f"django.core.mail.backends.{name}.EmailBackend"
+    for name in ("console", "locmem", "filebased", "dummy")
+}
+if (
+    not DEBUG
+    and MAILERS["default"]["BACKEND"] in LOCAL_EMAIL_BACKENDS
+    and not env_bool("ALLOW_LOCAL_EMAIL_BACKEND", default=False)
+):
+    raise ImproperlyConfigured(
+        f"With DEBUG off, email must leave this machine, but the backend is "
+        f"{MAILERS['default']['BACKEND']} (invitation links would go to the log or nowhere): "
+        "set EMAIL_HOST for SMTP, or EMAIL_BACKEND to one that delivers"
+    )
 
 # Security: strict by default when DEBUG is off (manage.py check --deploy stays clean).
 SESSION_COOKIE_HTTPONLY = True
