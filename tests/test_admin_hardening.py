@@ -10,9 +10,11 @@ import re
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.urls import reverse
 
 from labs.models import Host
+from labs.tooling.registration import host_register
 
 ENDPOINT_FIELDS = ["host", "ssh_port", "vnc_host", "vnc_port", "vnc_socket"]
 
@@ -89,3 +91,105 @@ def test_a_posted_endpoint_is_ignored_while_the_rest_of_the_vm_saves(
         running_vm.vnc_port,
         running_vm.vnc_socket,
     ) == ("h1", 22001, "127.0.0.1", 5901, "")
+
+
+# --- host URIs ----------------------------------------------------------------------------
+
+SUPPORTED_URIS = [
+    "qemu:///system",
+    "qemu+ssh://stratus@hv2.example.edu/system?no_tty=1",
+    "qemu+ssh://stratus@hv2.example.edu:2222/system?keyfile=/app/.ssh/id_ed25519&no_tty=1",
+    "qemu+ssh://hv2.example.edu/system?known_hosts=/app/.ssh/known_hosts&known_hosts_verify=normal",
+    "qemu+tls://hv3.example.edu/system",
+    "qemu+tls://hv3.example.edu/system?pkipath=/etc/stratus/pki",
+    "qemu+tcp://127.0.0.1:16509/system",
+    "test:///default",
+    "test:///tmp/stratus-test/node.xml",
+]
+
+# (URI, what the message names)
+REFUSED_URIS = [
+    ("qemu+ext:///system?command=/bin/sh", "does not drive hosts over 'qemu+ext'"),
+    ("qemu+ssh://hv2.example.edu/system?command=/tmp/x", "command= chooses a program"),
+    ("qemu+ssh://hv2.example.edu/system?netcat=/tmp/nc", "netcat= chooses a program"),
+    ("qemu+ssh://hv2.example.edu/system?socket=/tmp/s", "socket= chooses a program"),
+    ("qemu+ssh://hv2.example.edu/system?proxy=netcat", "proxy=netcat is not allowed"),
+    ("qemu+ssh://hv2/system?known_hosts_verify=ignore", "known_hosts_verify=ignore is not"),
+    ("qemu+ssh://hv2.example.edu/system?name=qemu:///session", "name= is not one Stratus"),
+    ("qemu+tls://hv3.example.edu/system?no_verify=1", "no_verify= is not one Stratus"),
+    ("qemu+unix:///system?socket=/tmp/s", "does not drive hosts over 'qemu+unix'"),
+    ("qemu+libssh2://hv2.example.edu/system", "does not drive hosts over 'qemu+libssh2'"),
+    ("xen:///system", "does not drive hosts over 'xen'"),
+    ("qemu+tcp://hv2.example.edu/system", "only a loopback test daemon"),
+    ("qemu+ssh://stratus:hunter2@hv2.example.edu/system", "carries a password"),
+    ("qemu+ssh:///system", "needs the host's name"),
+    ("qemu://hv2.example.edu/system", "names no server here"),
+    ("qemu:///session", "the path is /system"),
+    ("qemu+ssh://hv2.example.edu/", "the path is /system"),
+    ("qemu+ssh://hv2.example.edu/system?keyfile=/a\nb", "control characters"),
+    ("qemu:///system#x", "#fragment"),
+]
+
+
+def host_form(uri: str) -> dict[str, str]:
+    return {
+        "name": "hv9",
+        "driver": "libvirt",
+        "uri": uri,
+        "enabled": "on",
+        "vcpus": "8",
+        "memory_mib": "8192",
+        "disk_gib": "100",
+        "cpu_overcommit": "4",
+        "memory_overcommit": "1",
+        "disk_overcommit": "2",
+        "virt_type": "auto",
+        "network_mode": "user",
+        "bridge": "",
+        "ssh_address": "127.0.0.1",
+        "ssh_port_min": "22000",
+        "ssh_port_max": "22999",
+        "storage_dir": "/var/lib/stratus/vms",
+    }
+
+
+@pytest.mark.parametrize("uri", SUPPORTED_URIS)
+def test_the_admin_registers_a_host_over_a_supported_transport(client_for, root, uri):
+    response = client_for(root).post(reverse("admin:labs_host_add"), host_form(uri))
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    assert Host.objects.get(name="hv9").uri == uri
+
+
+@pytest.mark.parametrize(("uri", "message"), REFUSED_URIS)
+def test_the_admin_refuses_a_host_uri_stratus_does_not_support(client_for, root, uri, message):
+    response = client_for(root).post(reverse("admin:labs_host_add"), host_form(uri))
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert message in " ".join(errors["uri"]), errors
+    assert not Host.objects.filter(name="hv9").exists()
+
+
+@pytest.mark.parametrize(("uri", "message"), REFUSED_URIS)
+def test_host_register_refuses_the_same_uris_and_keeps_the_host_as_it_was(db, uri, message):
+    Host.objects.create(name="hv9", uri="qemu:///system", vcpus=8, memory_mib=8192, disk_gib=100)
+
+    with pytest.raises(ValidationError) as refused:
+        host_register(name="hv9", uri=uri, vcpus=16)
+
+    assert message in " ".join(refused.value.message_dict["uri"])
+    host = Host.objects.get(name="hv9")
+    assert (host.uri, host.vcpus) == ("qemu:///system", 8)
+
+
+def test_host_register_accepts_a_supported_uri(db):
+    host = host_register(
+        name="hv9",
+        uri="qemu+ssh://stratus@hv2.example.edu/system?no_tty=1",
+        vcpus=8,
+        memory_mib=8192,
+        disk_gib=100,
+    )
+
+    assert Host.objects.get(pk=host.pk).uri.startswith("qemu+ssh://stratus@hv2")
