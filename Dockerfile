@@ -16,9 +16,12 @@ COPY requirements.txt package.json package-lock.json ./
 RUN pip install --no-cache-dir -r requirements.txt \
     && npm ci --no-audit --no-fund --ignore-scripts
 COPY . .
-# collectstatic needs a key but uses nothing secret; the real one comes at run time.
-# The app runs as an unprivileged user that owns only var/ (beat's schedule file).
-RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --no-input \
+# collectstatic needs a key but uses nothing secret; the real one comes at run time. It
+# sends no mail either, so it may start without EMAIL_HOST (portal/settings.py refuses
+# that at run time). The app runs as an unprivileged user that owns only var/ (beat's
+# schedule file).
+RUN SECRET_KEY=collectstatic-only ALLOW_LOCAL_EMAIL_BACKEND=true \
+       python manage.py collectstatic --no-input \
     && useradd --system --uid 10001 --user-group --home-dir /app --no-create-home stratus \
     && chown -R stratus:stratus /app/var
 USER stratus

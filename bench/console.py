@@ -571,6 +571,7 @@ def run(args, tmp: Path) -> list[Row]:
         "ALLOWED_HOSTS": ORIGIN_HOST,
         "SITE_URL": f"http://{ORIGIN_HOST}",
         "SECURE_SSL_REDIRECT": "0",
+        "ALLOW_LOCAL_EMAIL_BACKEND": "1",  # sends no mail; DEBUG off wants it said
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
         # 200 sessions of one bench user at once: lift the per-user and proxy caps.

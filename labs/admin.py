@@ -273,9 +273,18 @@ class VmAdmin(CourseScopedAdmin):
     list_filter = [("group__course", admin.RelatedOnlyFieldListFilter), "observed_state", "host"]
     search_fields = ["name", "group__name", "uuid"]
     list_select_related = ["group", "host"]
+    # Where the VM runs and how it is reached are what the workers observed: the consoles
+    # connect to the recorded VNC endpoint and students to the SSH port, so an edit here
+    # could point one group's console or SSH line at another group's VM. Moves go
+    # through the migrate operation, endpoints through the workers (labs/compute/records.py).
     readonly_fields = [
         "uuid",
         "instance_id",
+        "host",
+        "ssh_port",
+        "vnc_host",
+        "vnc_port",
+        "vnc_socket",
         "observed_state",
         "observed_at",
         "status_message",

@@ -1,3 +1,4 @@
+import urllib.parse
 import uuid
 
 from django.conf import settings
@@ -164,6 +165,105 @@ class Membership(models.Model):
         return self.role in STAFF_ROLES
 
 
+# The libvirt URIs Stratus drives a host through (docs/deploy.md, *The Host row*). libvirt
+# would accept many more, and some run programs on the worker: the ext transport runs
+# ?command=, and ssh's ?command=/?netcat=/?socket= choose what runs at either end. The
+# worker holds the hypervisors' SSH key, so a URI is held to these, whoever enters it.
+_LIBVIRT_SYSTEM = "/system"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# Parameters each transport may carry, with the values they may take (None: any value).
+_LIBVIRT_PARAMS: dict[str, dict[str, set[str] | None]] = {
+    "qemu": {},
+    "qemu+ssh": {
+        "no_tty": {"0", "1"},
+        "keyfile": None,
+        "known_hosts": None,
+        "known_hosts_verify": {"normal", "auto"},  # never "ignore"
+        "sshauth": None,
+        "mode": {"auto", "legacy", "direct"},
+        "proxy": {"auto", "native"},  # never "netcat", which runs ?netcat=
+    },
+    "qemu+tls": {"pkipath": None, "tls_priority": None},
+    "qemu+tcp": {},
+    "test": {},
+}
+_RUNS_A_PROGRAM = {"command", "netcat", "socket"}
+LIBVIRT_URI_HELP = (
+    "qemu:///system on the worker's own machine, qemu+ssh://user@host/system or "
+    "qemu+tls://host/system for another host, qemu+tcp://127.0.0.1/system only for a "
+    "loopback test daemon, test:///default for tests."
+)
+
+
+def validate_libvirt_uri(value: str) -> None:
+    """Refuse a libvirt URI whose transport Stratus does not support, or whose parameters
+    would run a program or turn a check off, with a message naming the problem."""
+    if value != value.strip() or any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValidationError("The URI has spaces or control characters.", code="uri_chars")
+    parts = urllib.parse.urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in _LIBVIRT_PARAMS:
+        raise ValidationError(
+            f"Stratus does not drive hosts over {scheme or value!r}: use {LIBVIRT_URI_HELP}",
+            code="uri_transport",
+        )
+    if parts.fragment:
+        raise ValidationError("The URI has a #fragment.", code="uri_fragment")
+    if parts.password is not None:
+        raise ValidationError(
+            "The URI carries a password: give the worker an SSH key or a TLS certificate.",
+            code="uri_password",
+        )
+    if scheme in ("qemu", "test"):
+        if parts.netloc:
+            remote = "qemu+tls://" if scheme == "qemu" else "a local test:/// URI"
+            raise ValidationError(
+                f"{scheme}:// names no server here; for a remote host use {remote}.",
+                code="uri_server",
+            )
+    elif not parts.hostname:
+        raise ValidationError(f"{scheme}:// needs the host's name.", code="uri_server")
+    if scheme == "qemu+tcp" and parts.hostname not in _LOOPBACK:
+        raise ValidationError(
+            "qemu+tcp:// is neither authenticated nor encrypted: only a loopback test daemon "
+            "(127.0.0.1) may use it; use qemu+ssh:// or qemu+tls:// for another host.",
+            code="uri_tcp",
+        )
+    if scheme == "test":
+        if not (parts.path == "/default" or (len(parts.path) > 1 and parts.path[0] == "/")):
+            raise ValidationError(
+                "test:/// needs /default or a node file's path.", code="uri_path"
+            )
+    elif parts.path != _LIBVIRT_SYSTEM:
+        raise ValidationError(
+            f"Stratus drives libvirt's system instance: the path is /system, not "
+            f"{parts.path or 'empty'!r}.",
+            code="uri_path",
+        )
+    allowed = _LIBVIRT_PARAMS[scheme]
+    for name, given in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if name in _RUNS_A_PROGRAM:
+            raise ValidationError(
+                f"The URI parameter {name}= chooses a program for libvirt to run: "
+                "Stratus does not allow it.",
+                code="uri_param",
+            )
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ValidationError(
+                f"The URI parameter {name}= is not one Stratus allows for {scheme}:// "
+                f"(allowed: {known}).",
+                code="uri_param",
+            )
+        values = allowed[name]
+        if values is not None and given not in values:
+            raise ValidationError(
+                f"The URI parameter {name}={given} is not allowed "
+                f"(one of: {', '.join(sorted(values))}).",
+                code="uri_param",
+            )
+
+
 class Host(models.Model):
     """A hypervisor host. Its worker consumes the Celery queue ``host.<name>``."""
 
@@ -175,7 +275,10 @@ class Host(models.Model):
         help_text="Which driver talks to this host (labs/drivers/registry.py).",
     )
     uri = models.CharField(
-        "libvirt URI", max_length=300, help_text="qemu:///system, or qemu+ssh://host/system"
+        "libvirt URI",
+        max_length=300,
+        help_text=LIBVIRT_URI_HELP,
+        validators=[validate_libvirt_uri],
     )
     enabled = models.BooleanField(default=True, help_text="New VMs are placed on enabled hosts.")
     vcpus = models.PositiveIntegerField("vCPUs")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.csp import CSP
 
 from portal.env import dev_secret_key, env_bool, env_int, env_list, env_str
 
@@ -43,6 +44,7 @@ MIDDLEWARE = [
     # First, so its one line per request times and sees everything (portal/logging.py).
     "portal.logging.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -235,11 +237,46 @@ else:
             "BACKEND": env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
         }
     }
+# Invitation emails carry password-set links. In production a backend that keeps mail on
+# this machine would print them to the log (console), keep them in memory or files, or drop
+# them without a word: refuse to start instead. Benchmarks and the image build, which send
+# no mail, say so with ALLOW_LOCAL_EMAIL_BACKEND.
+LOCAL_EMAIL_BACKENDS = {
+    f"django.core.mail.backends.{name}.EmailBackend"
+    for name in ("console", "locmem", "filebased", "dummy")
+}
+if (
+    not DEBUG
+    and MAILERS["default"]["BACKEND"] in LOCAL_EMAIL_BACKENDS
+    and not env_bool("ALLOW_LOCAL_EMAIL_BACKEND", default=False)
+):
+    raise ImproperlyConfigured(
+        f"With DEBUG off, email must leave this machine, but the backend is "
+        f"{MAILERS['default']['BACKEND']} (invitation links would go to the log or nowhere): "
+        "set EMAIL_HOST for SMTP, or EMAIL_BACKEND to one that delivers"
+    )
 
 # Security: strict by default when DEBUG is off (manage.py check --deploy stays clean).
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False  # the console and live pages read it for fetch() POSTs
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy on every response, DEBUG on or off (so a page that breaks under it
+# breaks in development first). Scripts and styles come only from our own static files: no
+# inline <script>, <style>, on…= handler or style= attribute anywhere (confirmations are
+# static/js/confirm.js reading data-confirm; json_script blocks are data, not scripts).
+# noVNC draws JPEG rectangles and its cursor from data: URLs; fetch() and the websockets
+# are same-origin ('self' covers ws:/wss: to this host).
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF],
+    "style-src": [CSP.SELF],
+    "img-src": [CSP.SELF, "data:"],
+    "connect-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.NONE],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 if not DEBUG:

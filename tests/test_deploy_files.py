@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ REQUIRED = {
     "CSRF_TRUSTED_ORIGINS": "https://stratus.example.edu",
     "SITE_URL": "https://stratus.example.edu",
     "POSTGRES_PASSWORD": "not-a-real-password",
+    "REDIS_PASSWORD": "not-a-real-redis-password",
     "EMAIL_HOST": "smtp.example.edu",
 }
 
@@ -199,7 +201,7 @@ def test_no_secret_in_compose_has_a_default():
         if SECRET_NAME.search(name):
             # Required (":?message"), or optional and empty (no SMTP login, say).
             assert operator == ":?" or (operator == ":-" and default == ""), name
-    for key in ("SECRET_KEY", "POSTGRES_PASSWORD"):
+    for key in ("SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
         assert re.search(rf"\$\{{{key}:\?", text), f"{key} must be required"
     for service in compose()["services"].values():
         environment = service.get("environment", {})
@@ -220,7 +222,7 @@ def compose_tool() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def compose_config(tmp_path, **env: str) -> subprocess.CompletedProcess:
+def compose_config(tmp_path, *, quiet: bool = True, **env: str) -> subprocess.CompletedProcess:
     tool = compose_tool()
     if tool is None:
         pytest.skip(
@@ -237,7 +239,7 @@ def compose_config(tmp_path, **env: str) -> subprocess.CompletedProcess:
             "-f",
             str(ROOT / "docker-compose.yml"),
             "config",
-            "-q",
+            *(["-q"] if quiet else []),
         ],
         env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env},
         capture_output=True,
@@ -253,7 +255,9 @@ def test_compose_config_accepts_the_file(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("missing", ["SECRET_KEY", "POSTGRES_PASSWORD", "EMAIL_HOST"])
+@pytest.mark.parametrize(
+    "missing", ["SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "EMAIL_HOST"]
+)
 def test_compose_refuses_to_start_without_a_required_variable(tmp_path, missing):
     env = {k: v for k, v in REQUIRED.items() if k != missing}
 
@@ -261,3 +265,79 @@ def test_compose_refuses_to_start_without_a_required_variable(tmp_path, missing)
 
     assert result.returncode != 0
     assert f"set {missing}" in result.stderr
+
+
+def redis_password_of(url: str) -> str | None:
+    return urllib.parse.urlsplit(url).password
+
+
+def test_redis_asks_every_client_for_the_password_the_app_services_use(tmp_path):
+    # Console tickets and Celery tasks live in Redis: without a password, anything that
+    # reaches its port could mint a console ticket or queue an operation.
+    result = compose_config(tmp_path, quiet=False, **REQUIRED)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    password = REQUIRED["REDIS_PASSWORD"]
+
+    command = services["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == password
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == password  # its healthcheck
+    for name in (*APP_SERVICES, "migrate"):
+        url = services[name]["environment"]["REDIS_URL"]
+        assert redis_password_of(url) == password, name
+
+
+# What an operator keeps beside docker-compose.yml: compose's variable file, the worker's
+# SSH key pair for qemu+ssh:// hosts (docs/deploy.md, STRATUS_SSH_DIR=./ssh), and var/
+# (the development secret key, SQLite, the demo's SSH key).
+SECRET_FILES = [
+    ".env",
+    ".env.production",
+    "ssh/id_ed25519",
+    "ssh/id_ed25519.pub",
+    "ssh/known_hosts",
+    "var/dev-secret-key",
+    "var/stratus.sqlite3",
+]
+
+
+def docker_ignored(path: str) -> bool:
+    """Whether `docker build` leaves PATH out of the context, by .dockerignore's rules:
+    patterns anchored at the context root, `*` within one path element, `**` across
+    them, a match on a directory excludes what is under it, the last matching line wins
+    (`!` re-includes)."""
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.removeprefix("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        regex = regex.replace(r"\?", "[^/]")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
+            ignored = not negate
+    return ignored
+
+
+@pytest.mark.parametrize("path", SECRET_FILES)
+def test_the_image_never_contains_the_operators_secrets(path):
+    assert docker_ignored(path), f"COPY . . would bake {path} into the image"
+
+
+def test_the_image_keeps_the_code_it_runs():
+    for path in ("manage.py", "labs/models.py", "static/js/live.js", "templates/base.html"):
+        assert not docker_ignored(path), path
+
+
+@pytest.mark.parametrize("path", SECRET_FILES)
+def test_git_never_offers_to_commit_the_operators_secrets(path):
+    result = subprocess.run(
+        ["git", "check-ignore", "--quiet", "--no-index", path],  # noqa: S607
+        cwd=ROOT,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, f"git would commit {path}"

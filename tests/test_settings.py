@@ -102,3 +102,73 @@ def test_postgresql_gets_a_connection_pool_and_no_connection_kept_per_thread():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "7"]
+
+
+@pytest.mark.parametrize(
+    ("variables", "backend"),
+    [
+        ({"EMAIL_HOST": None}, "console"),  # nothing set: the development default
+        (
+            {
+                "EMAIL_HOST": None,
+                "EMAIL_BACKEND": "django.core.mail.backends.console.EmailBackend",
+            },
+            "console",
+        ),
+        (
+            {"EMAIL_HOST": None, "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend"},
+            "locmem",
+        ),
+        (
+            {
+                "EMAIL_HOST": None,
+                "EMAIL_BACKEND": "django.core.mail.backends.filebased.EmailBackend",
+            },
+            "filebased",
+        ),
+        (
+            {"EMAIL_HOST": None, "EMAIL_BACKEND": "django.core.mail.backends.dummy.EmailBackend"},
+            "dummy",
+        ),
+    ],
+)
+def test_production_refuses_a_mail_backend_that_keeps_invitation_links_here(variables, backend):
+    result = manage("check", env={**PRODUCTION, **variables})
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert f"django.core.mail.backends.{backend}.EmailBackend" in result.stderr
+    assert "set EMAIL_HOST" in result.stderr
+
+
+def test_production_sends_mail_over_smtp_when_email_host_is_set():
+    show = "from django.conf import settings; print(settings.MAILERS['default']['BACKEND'])"
+
+    result = manage("shell", "--verbosity", "0", "-c", show, env=PRODUCTION)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "django.core.mail.backends.smtp.EmailBackend"
+
+
+def test_a_benchmark_may_opt_out_of_real_mail_explicitly():
+    env = {
+        **PRODUCTION,
+        "EMAIL_HOST": None,
+        "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
+        "ALLOW_LOCAL_EMAIL_BACKEND": "true",
+    }
+
+    result = manage("check", env=env)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_development_keeps_mail_on_the_console():
+    show = "from django.conf import settings; print(settings.MAILERS['default']['BACKEND'])"
+
+    result = manage(
+        "shell", "--verbosity", "0", "-c", show, env={"DEBUG": None, "EMAIL_HOST": None}
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "django.core.mail.backends.console.EmailBackend"
