@@ -47,7 +47,12 @@ function setStatus(state, text) {
   if (pasteButton) pasteButton.disabled = !live || typing !== null;
 }
 
-class TicketError extends Error {}
+class TicketError extends Error {
+  constructor(message, { transient = false } = {}) {
+    super(message);
+    this.transient = transient; // the server may answer in a moment (unreachable, 5xx)
+  }
+}
 
 // --- ticket ---------------------------------------------------------------------------
 
@@ -72,7 +77,9 @@ async function fetchTicket() {
       redirect: "manual", // a redirect here means "signed out", not a ticket
     });
   } catch {
-    throw new TicketError("Stratus could not be reached. Check your connection.");
+    throw new TicketError("Stratus could not be reached. Check your connection.", {
+      transient: true,
+    });
   }
   if (response.type === "opaqueredirect" || response.status === 401) {
     throw new TicketError("You are signed out. Reload the page to sign in again.");
@@ -91,7 +98,9 @@ async function fetchTicket() {
   }
   if (!response.ok || !data || typeof data.ticket !== "string") {
     const message = data && typeof data.error === "string" ? data.error : "";
-    throw new TicketError(message || `The console could not start (HTTP ${response.status}).`);
+    throw new TicketError(message || `The console could not start (HTTP ${response.status}).`, {
+      transient: response.status >= 500,
+    });
   }
   return data;
 }
@@ -137,8 +146,28 @@ function teardown() {
   }
 }
 
+// A session that was running and dropped because the server went away (a restart of the
+// site, a lost connection) comes back by itself with a fresh ticket; one closed on purpose
+// (access ended, idle, time limit) does not.
+const COMES_BACK = new Set([1001, 1006, 1011, 1012, 1013]);
+const BACK_TRIES = 6;
+let comingBack = 0; // reconnection attempts since the last session that connected
+
+function retryLater() {
+  if (comingBack >= BACK_TRIES) return false;
+  comingBack += 1;
+  const delay = Math.min(1000 * 2 ** (comingBack - 1), 8000);
+  setStatus(
+    "connecting",
+    `The connection was lost; reconnecting (attempt ${comingBack} of ${BACK_TRIES})…`,
+  );
+  window.setTimeout(connect, delay);
+  return true;
+}
+
 function onConnect() {
   connected = true;
+  comingBack = 0;
   const observing = rfb.viewOnly;
   setStatus("connected", observing ? "Connected, observing (view only)." : "Connected.");
   if (!observing) rfb.focus({ preventScroll: true }); // the keyboard goes to the VM
@@ -148,6 +177,11 @@ function onDisconnect(event) {
   rfb = null;
   if (typing) typing.cancelled = true;
   const clean = Boolean(event.detail && event.detail.clean);
+  const code = closeInfo ? closeInfo.code : 1006;
+  if ((connected || comingBack > 0) && COMES_BACK.has(code) && retryLater()) {
+    connected = false;
+    return;
+  }
   setStatus(clean && connected ? "ended" : "error", closeMessage(clean, connected));
   connected = false;
 }
@@ -177,6 +211,7 @@ async function connect() {
     viewOnly = viewOnly || data.view_only === true;
   } catch (error) {
     if (mine !== attempt) return;
+    if (comingBack > 0 && error instanceof TicketError && error.transient && retryLater()) return;
     const text = error instanceof TicketError ? error.message : "The console could not start.";
     setStatus("error", text);
     return;
@@ -295,7 +330,10 @@ function typeText(text) {
 
 // --- wiring ---------------------------------------------------------------------------
 
-reconnectButton.addEventListener("click", () => connect());
+reconnectButton.addEventListener("click", () => {
+  comingBack = 0; // a person asked: a fresh round of automatic tries after this one
+  connect();
+});
 
 if (cadButton) {
   cadButton.addEventListener("click", () => {

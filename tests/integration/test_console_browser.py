@@ -161,6 +161,18 @@ def test_a_member_sees_the_login_prompt_and_types_into_the_console(
         )
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "console-login-prompt.png"))
+
+        # The site restarts under the open console: it says so, and comes back by itself
+        # with a fresh ticket, showing the guest again (no reload, no click).
+        asgi_server.stop()
+        page.locator("#console-status[data-state='connecting']").wait_for(timeout=15_000)
+        asgi_server.start()
+        page.locator("#console-status[data-state='connected']").wait_for(timeout=30_000)
+        wait_for(
+            lambda: canvas_matches_guest(page, vm.domain_name, tmp_path),
+            timeout=20,
+            what="the canvas to show the guest again after the restart",
+        )
         browser.close()
 
     session = wait_for(
@@ -169,4 +181,6 @@ def test_a_member_sees_the_login_prompt_and_types_into_the_console(
         what="the console session to be recorded",
     )
     assert session.bytes_from_vm > 0 and session.bytes_to_vm > 0
+    # Two sessions: before the restart and after it, each with its own ticket.
+    assert ConsoleSession.objects.filter(vm=vm, user=alice).count() == 2
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice))
