@@ -33,6 +33,9 @@ class Course(models.Model):
         null=True, blank=True, help_text="Empty: signup never closes."
     )
     max_group_size = models.PositiveSmallIntegerField(default=4)
+    snapshot_limit = models.PositiveSmallIntegerField(
+        "snapshots per VM", default=10, help_text="The most snapshots one VM may keep."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

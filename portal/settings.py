@@ -172,7 +172,10 @@ CELERY_BEAT_SCHEDULE = {
 
 # VMs
 STRATUS_IMAGE_DIR = env_str("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")
-VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 90)
+# A shut-down holds a worker slot while the guest powers off: force it off after this.
+VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
+# Operations one group's members may ask for in a minute (course staff are not counted).
+OPERATIONS_PER_GROUP_PER_MINUTE = env_int("OPERATIONS_PER_GROUP_PER_MINUTE", 20)
 # libvirt domains are named PREFIX<vm id>; the tests use their own prefix so they never
 # touch a demo's or another run's domains on the same host.
 STRATUS_DOMAIN_PREFIX = env_str("STRATUS_DOMAIN_PREFIX", "stratus-vm-")

@@ -14,8 +14,8 @@ from enum import StrEnum
 from django.utils import timezone
 
 from labs.choices import ObservedState, OperationKind
-from labs.compute import executors
-from labs.errors import Busy, Invalid, Refused
+from labs.compute import executors, quotas
+from labs.errors import Busy, Invalid, OverQuota, Refused
 from labs.models import Operation, Vm
 
 SNAPSHOT_NAME_MAX = 60
@@ -224,6 +224,14 @@ def params_clean(kind: Kind, vm: Vm, params: dict | None) -> dict:
         )
     if vm.snapshots.filter(name=name).exists():
         raise Refused(f"{vm.name} already has a snapshot named “{name}”.")
+    limit = vm.group.course.snapshot_limit
+    if (count := vm.snapshots.count()) >= limit:
+        raise OverQuota(
+            f"{vm.name} has {count} snapshots, the most this course allows: delete one first."
+        )
     # A running (or paused) VM is snapshotted with its memory and comes back as it was; a
-    # stopped VM gets a disk-only snapshot.
-    return {"name": name, "with_memory": vm.observed_state in (S.RUNNING, S.PAUSED)}
+    # stopped VM gets a disk-only snapshot. The memory counts against the disk quota.
+    with_memory = vm.observed_state in (S.RUNNING, S.PAUSED)
+    if with_memory:
+        quotas.quota_check(group=vm.group, need={"disk_gib": quotas.snapshot_memory_gib(vm)})
+    return {"name": name, "with_memory": with_memory}

@@ -24,21 +24,39 @@ def group_quota(*, group: Group) -> dict[str, int]:
     }
 
 
+def snapshot_memory_gib(vm: Vm) -> int:
+    """What a snapshot with memory costs on the host's disk: the VM's memory, in whole GiB
+    (the RAM is saved inside the VM's overlay)."""
+    return -(-vm.memory_mib // 1024)
+
+
 def group_usage(*, group: Group, vms: list[Vm] | None = None) -> dict[str, int]:
-    """What the group's live VMs use of its quota; ``vms``: those VMs when the caller has
-    them loaded already (the group page), so that no query is made."""
+    """What the group's live VMs use of its quota: their disks, plus the memory saved in
+    their snapshots. ``vms``: those VMs with their snapshots prefetched, when the caller
+    has them loaded already (the group page), so that no query is made."""
     if vms is None:
-        vms = list(Vm.objects.live().filter(group=group).only("vcpus", "memory_mib", "disk_gib"))
+        vms = list(
+            Vm.objects.live()
+            .filter(group=group)
+            .only("vcpus", "memory_mib", "disk_gib")
+            .prefetch_related("snapshots")
+        )
+    saved = sum(
+        snapshot_memory_gib(vm) for vm in vms for snap in vm.snapshots.all() if snap.with_memory
+    )
     return {
         "vms": len(vms),
         "vcpus": sum(vm.vcpus for vm in vms),
         "memory_mib": sum(vm.memory_mib for vm in vms),
-        "disk_gib": sum(vm.disk_gib for vm in vms),
+        "disk_gib": sum(vm.disk_gib for vm in vms) + saved,
     }
 
 
 def quota_check(*, group: Group, need: dict[str, int]) -> None:
-    """OverQuota naming what would run over, when ``need`` does not fit what is left."""
+    """OverQuota naming what would run over, when ``need`` does not fit what is left.
+    A course without a VM template sets no quota (its VMs were made by hand)."""
+    if template_of(group) is None:
+        return
     quota, used = group_quota(group=group), group_usage(group=group)
     over = [k for k in need if used[k] + need[k] > quota[k]]
     if over:

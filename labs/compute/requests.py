@@ -2,9 +2,12 @@
 call. Each checks the access policy and the catalogue, then hands the row to dispatch."""
 
 import uuid
+from datetime import timedelta
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.utils import timezone
 
 from labs import access
 from labs.access import Action
@@ -87,6 +90,27 @@ def requester_check(*, kind: kinds.Kind, vm: Vm, by: AbstractBaseUser | None) ->
     raise NotAllowed("Only the group's members and course staff operate its VMs.")
 
 
+def rate_check(*, vm: Vm, by: AbstractBaseUser | None) -> None:
+    """A group's members ask for at most OPERATIONS_PER_GROUP_PER_MINUTE operations a
+    minute (Stratus itself and course staff are not counted)."""
+    if by is None or access.is_course_staff(user=by, course=vm.group.course_id):
+        return
+    since = timezone.now() - timedelta(minutes=1)
+    recent = list(
+        Operation.objects.filter(vm__group=vm.group_id, created_at__gte=since)
+        .exclude(requested_by=None)
+        .order_by("created_at")
+        .values_list("created_at", flat=True)
+    )
+    limit = settings.OPERATIONS_PER_GROUP_PER_MINUTE
+    if len(recent) >= limit:
+        wait = 60 - int((timezone.now() - recent[-limit]).total_seconds())
+        raise Refused(
+            f"Your group asked for {len(recent)} operations in the last minute, the most "
+            f"allowed; try again in {max(wait, 1)} s."
+        )
+
+
 def vm_operation_request(
     *, vm: Vm, kind: str, by: AbstractBaseUser | None, params: dict | None = None
 ) -> Operation:
@@ -96,6 +120,7 @@ def vm_operation_request(
         raise Invalid("Unknown operation.")
     vm = Vm.objects.select_related("host", "group__course").get(pk=vm.pk)
     requester_check(kind=entry, vm=vm, by=by)
+    rate_check(vm=vm, by=by)
     # Busy is left to the database's one-active-operation constraint (dispatch): one query
     # less, and the race between two requests is decided in one place.
     refused = kinds.refusal(entry, vm, active=None)
