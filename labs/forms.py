@@ -2,6 +2,7 @@ from django import forms
 
 from labs.compute import kinds
 from labs.models import Group
+from labs.validators import one_line_text
 
 KEY_HELP = (
     "Paste one public key: the single line in your .pub file, for example "
@@ -10,7 +11,11 @@ KEY_HELP = (
 
 
 class GroupSignupForm(forms.Form):
-    name = forms.CharField(label="Group name", max_length=Group._meta.get_field("name").max_length)
+    name = forms.CharField(
+        label="Group name",
+        max_length=Group._meta.get_field("name").max_length,
+        validators=[one_line_text],
+    )
     members = forms.CharField(
         label="Other members",
         required=False,
@@ -18,7 +23,9 @@ class GroupSignupForm(forms.Form):
         help_text="Usernames of your teammates, separated by commas or spaces. "
         "You are a member already.",
     )
-    project_title = forms.CharField(max_length=Group._meta.get_field("project_title").max_length)
+    project_title = forms.CharField(
+        max_length=Group._meta.get_field("project_title").max_length, validators=[one_line_text]
+    )
     project_idea = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 6}),
         max_length=Group._meta.get_field("project_idea").max_length,
@@ -33,7 +40,9 @@ class GroupSignupForm(forms.Form):
 
 
 class GroupEditForm(forms.Form):
-    project_title = forms.CharField(max_length=Group._meta.get_field("project_title").max_length)
+    project_title = forms.CharField(
+        max_length=Group._meta.get_field("project_title").max_length, validators=[one_line_text]
+    )
     project_idea = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 6}),
         max_length=Group._meta.get_field("project_idea").max_length,

@@ -20,6 +20,7 @@ from labs.choices import (
     Role,
     VirtType,
 )
+from labs.validators import one_line_text
 
 
 class Course(models.Model):
@@ -70,8 +71,8 @@ class Group(models.Model):
     """A project group of one course: members, an idea and one SSH public key."""
 
     course = models.ForeignKey(Course, on_delete=models.CASCADE, related_name="groups")
-    name = models.CharField(max_length=80)
-    project_title = models.CharField(max_length=200)
+    name = models.CharField(max_length=80, validators=[one_line_text])
+    project_title = models.CharField(max_length=200, validators=[one_line_text])
     project_idea = models.TextField(max_length=5000)
     ssh_public_key = models.TextField(help_text="One OpenSSH public key line.")
     ssh_key_type = models.CharField(max_length=64)

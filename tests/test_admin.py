@@ -190,3 +190,21 @@ def test_the_audit_trail_is_read_only(client_for, vm_of_a, group_a):
     client.post(url, {"kind": "start", "status": "succeeded"})
     op.refresh_from_db()
     assert (op.kind, op.status) == ("reboot", "failed")
+
+
+def test_a_group_name_with_a_newline_breaks_no_bulk_review(
+    client_for, ines, group_a, group_b, django_capture_on_commit_callbacks
+):
+    """A name written before names were checked (or by hand) still reviews and mails."""
+    Group.objects.filter(pk=group_a.pk).update(name="Alpha\nBcc: everyone@example.edu")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client_for(ines).post(
+            reverse(CHANGELIST),
+            {"action": "approve", ACTION_CHECKBOX_NAME: [group_a.pk, group_b.pk]},
+            follow=True,
+        )
+    assert response.status_code == 200
+    assert "Approved 2 group(s)" in response.content.decode()
+    assert set(Group.objects.values_list("status", flat=True)) == {GroupStatus.APPROVED}
+    assert len(mail.outbox) == 3
+    assert all("\n" not in m.subject and m.bcc == [] for m in mail.outbox)

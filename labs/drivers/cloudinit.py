@@ -114,10 +114,43 @@ def seed_build(
         "ntp": {"enabled": False},
     }
     files = {
-        "meta-data": json.dumps(meta_data, indent=2) + "\n",
-        "user-data": "#cloud-config\n" + json.dumps(user_data, indent=2) + "\n",
+        "meta-data": yaml_json(meta_data) + "\n",
+        "user-data": "#cloud-config\n" + yaml_json(user_data) + "\n",
     }
     return _iso(files)
+
+
+def _yaml_printable(char: str) -> bool:
+    """Whether YAML 1.1 (cloud-init's PyYAML) takes the character raw in a stream and
+    keeps it (NEL, U+0085, is printable there but folds as a line break: escaped)."""
+    point = ord(char)
+    return (
+        char in "\t\n\r"
+        or 0x20 <= point <= 0x7E
+        or 0xA0 <= point <= 0xD7FF
+        or 0xE000 <= point <= 0xFFFD
+        or 0x10000 <= point <= 0x10FFFF
+    )
+
+
+def yaml_json(value: object) -> str:
+    """JSON that is also valid YAML for any Unicode.
+
+    ``json.dumps``' default ASCII escapes write characters beyond the BMP as surrogate
+    pairs (an emoji in a key comment: ``\\ud83d\\ude80``), which YAML refuses. So the text
+    stays raw UTF-8, and only what YAML cannot carry raw is escaped (controls, U+FFFE);
+    a lone surrogate, which no UTF-8 file can hold, becomes U+FFFD.
+    """
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    out = []
+    for char in text:
+        if _yaml_printable(char):
+            out.append(char)
+        elif 0xD800 <= ord(char) <= 0xDFFF:
+            out.append("\ufffd")
+        else:
+            out.append(f"\\u{ord(char):04x}")
+    return "".join(out)
 
 
 def _iso(files: dict[str, str]) -> bytes:

@@ -17,6 +17,7 @@ from labs.live import events
 from labs.models import Course, Group, Membership
 from labs.people import mail
 from labs.people.keys import SshKeyInfo, sshkey_parse
+from labs.validators import one_line_text
 
 _USERNAME_SPLIT = re.compile(r"[\s,;]+")
 
@@ -49,6 +50,7 @@ def group_register(
     """
     key = _key_parse(ssh_public_key)
     name = name.strip()
+    _one_line(name=name, project_title=project_title)
     with transaction.atomic():
         if not course.is_signup_open:
             raise ValidationError("Group signup for this course is closed.", code="closed")
@@ -150,6 +152,19 @@ def _check_name_and_key_free(
         raise ValidationError(errors, code="duplicate")
 
 
+def _one_line(**fields: str) -> None:
+    """The one-line fields hold no control or direction-changing character (whoever calls:
+    the form checks it too, the service is where it must hold)."""
+    errors = {}
+    for field, value in fields.items():
+        try:
+            one_line_text(value)
+        except ValidationError as error:
+            errors[field] = error.messages
+    if errors:
+        raise ValidationError(errors, code="control_character")
+
+
 def _key_parse(text: str) -> SshKeyInfo:
     try:
         return sshkey_parse(text=text)
@@ -188,6 +203,7 @@ def group_update(
     *, group: Group, by: AbstractBaseUser, project_title: str, project_idea: str
 ) -> Group:
     """Members edit the idea while the group is pending; a rejected group is resubmitted."""
+    _one_line(project_title=project_title)
     with transaction.atomic():
         locked = _lock_editable(group=group, by=by)
         locked.project_title = project_title.strip()
@@ -238,7 +254,8 @@ def _review(*, group: Group, by: AbstractBaseUser, status: str, note: str) -> Gr
         else:
             vm_ids = list(locked.vms.values_list("pk", flat=True))
             transaction.on_commit(lambda: _revoke(vm_ids, "the group was rejected"))
-        transaction.on_commit(lambda: mail.group_reviewed(group=locked))
+        # robust: a mail server that fails must not undo, or stop, a review.
+        transaction.on_commit(lambda: mail.group_reviewed(group=locked), robust=True)
     return locked
 
 

@@ -3,6 +3,7 @@
 No password, ticket or key material is ever put in a message.
 """
 
+import unicodedata
 from collections.abc import Iterable
 
 from django.conf import settings
@@ -17,9 +18,16 @@ from django.utils.http import urlsafe_base64_encode
 from labs.models import Course, Group
 
 
+def header_text(text: str, *, limit: int = 200) -> str:
+    """Free text made safe for a mail header: one line, no control or format character
+    (a newline in a group name must never break, or forge, a header)."""
+    kept = "".join(c if unicodedata.category(c)[0] != "C" else " " for c in text)
+    return " ".join(kept.split())[:limit]
+
+
 def _message(*, to: str, subject: str, template: str, context: dict) -> mail.EmailMessage:
     body = render_to_string(template, {"site_url": settings.SITE_URL, **context})
-    return mail.EmailMessage(subject=subject, body=body, to=[to])
+    return mail.EmailMessage(subject=header_text(subject), body=body, to=[to])
 
 
 def invitation_link(*, user: AbstractBaseUser) -> str:

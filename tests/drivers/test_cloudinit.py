@@ -167,3 +167,26 @@ def test_the_key_must_be_exactly_one_line(key):
 def test_an_unusable_instance_id_is_rejected(instance_id):
     with pytest.raises(ValueError, match="instance-id"):
         build(instance_id=instance_id)
+
+
+HOSTILE_COMMENT = "alice@laptop 🚀 \u202e\u2066 \x7f \x85 \ufffe end"
+
+
+def test_the_seed_is_valid_yaml_for_any_unicode_in_the_key_comment(make_public_key):
+    """cloud-init reads the seed with PyYAML: an emoji (a surrogate pair in json.dumps'
+    ASCII escapes) or a control character in the key's comment must not break it."""
+    import yaml
+
+    key = make_public_key(HOSTILE_COMMENT).strip()
+    iso = seed_build(
+        instance_id="i-1",
+        hostname="Alpha 🚀",
+        login_user="student",
+        extra_users=["alice"],
+        ssh_public_key=key,
+    )
+    files = seed_read(iso)
+    user_data = yaml.load(files["user-data"], Loader=yaml.CSafeLoader)
+    meta_data = yaml.load(files["meta-data"], Loader=yaml.CSafeLoader)
+    assert meta_data["instance-id"] == "i-1"
+    assert {tuple(u["ssh_authorized_keys"]) for u in user_data["users"]} == {(key,)}

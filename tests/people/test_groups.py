@@ -309,3 +309,13 @@ def test_staff_move_students_between_groups_within_the_rules(group_a, group_b, b
         membership_group_set(membership=membership, group=None, by=alice)
     with pytest.raises(ValidationError, match="Only students"):
         membership_group_set(membership=Membership.objects.get(user=ines), group=group_a, by=ines)
+
+
+@pytest.mark.parametrize("bad", ["Alpha\nBeta", "Alpha\u202eahplA", "Al\x00pha", "Al\u200dpha"])
+def test_a_group_name_or_title_refuses_control_and_direction_characters(
+    course, alice, make_public_key, bad
+):
+    with pytest.raises(ValidationError) as excinfo:
+        register(course, alice, make_public_key(), name=bad)
+    assert "one line of plain text" in excinfo.value.message_dict["name"][0]
+    assert not Group.objects.exists()
