@@ -1,7 +1,10 @@
 from django import forms
+from django.contrib.auth import get_user_model
+from django.contrib.auth.forms import PasswordResetForm
 
 from labs.compute import kinds
 from labs.models import Group
+from labs.people.tokens import is_invited
 from labs.validators import one_line_text
 
 KEY_HELP = (
@@ -57,6 +60,19 @@ class GroupKeyForm(forms.Form):
         strip=False,
         help_text=KEY_HELP,
     )
+
+
+class AccountResetForm(PasswordResetForm):
+    """Django's reset form, which also reaches an invited account that lost its mail.
+
+    Django skips accounts without a usable password; an invited student has none until
+    the first sign-in, and asking here is how they get a new link. Whether an address
+    exists is never said (the page answers the same either way).
+    """
+
+    def get_users(self, email):
+        users = get_user_model()._default_manager.filter(email__iexact=email, is_active=True)
+        return (u for u in users if u.has_usable_password() or is_invited(u))
 
 
 class RejectForm(forms.Form):

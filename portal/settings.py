@@ -189,8 +189,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
-# Invitation links are password-reset links: give students a week to use them.
+# Invitation links are password-reset links: give students a week to use them; a reset
+# link for an account already in use lives a few hours (labs/people/tokens.py).
 PASSWORD_RESET_TIMEOUT = env_int("INVITATION_TIMEOUT_SECONDS", 7 * 24 * 3600)
+RESET_LINK_TIMEOUT_SECONDS = env_int("RESET_LINK_TIMEOUT_SECONDS", 3 * 3600)
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "labs:home"

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.contrib.auth.tokens import default_token_generator
 from django.core import mail
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -16,6 +15,7 @@ from django.utils.encoding import force_bytes
 from django.utils.http import urlsafe_base64_encode
 
 from labs.models import Course, Group
+from labs.people.tokens import account_tokens
 
 
 def header_text(text: str, *, limit: int = 200) -> str:
@@ -36,7 +36,7 @@ def invitation_link(*, user: AbstractBaseUser) -> str:
         "password_reset_confirm",
         kwargs={
             "uidb64": urlsafe_base64_encode(force_bytes(user.pk)),
-            "token": default_token_generator.make_token(user),
+            "token": account_tokens.make_token(user),
         },
     )
     return f"{settings.SITE_URL}{path}"
