@@ -94,19 +94,31 @@ class RosterReport:
 
 
 def roster_import(
-    *, course: Course, data: bytes, default_role: str = Role.STUDENT, dry_run: bool = False
+    *,
+    course: Course,
+    data: bytes,
+    default_role: str = Role.STUDENT,
+    dry_run: bool = False,
+    allow_account_changes: bool = False,
 ) -> RosterReport:
     """Create or update the users and course memberships listed in a roster CSV.
 
     Raises RosterError listing every bad line; nothing is written then. With dry_run the
     same work is done and rolled back, and no email is sent.
+
+    A roster never takes over an account: it does not change the email or names of a
+    superuser, of anyone with a place in another course, or of an account that existed
+    before this course's roster named it, unless ``allow_account_changes`` (an operator's
+    explicit decision) says so. It may still add such an account to the course.
     """
     if default_role not in Role.values:
         raise ValueError(f"default_role must be one of {', '.join(Role.values)}")
     errors: list[tuple[int, str]] = []
     rows = _rows_read(text=_decode(data), default_role=default_role, errors=errors)
     with transaction.atomic():
-        plan = _plan(course=course, rows=rows, errors=errors)
+        plan = _plan(
+            course=course, rows=rows, errors=errors, allow_account_changes=allow_account_changes
+        )
         if errors:
             errors.sort(key=lambda error: error[0])  # stable: a line's errors keep their order
             raise RosterError([f"line {line}: {message}" for line, message in errors])
@@ -357,19 +369,33 @@ def _existing_users(rows: list[_Row]) -> list[AbstractUser]:
     return list(users.values())
 
 
-def _memberships(course: Course, user_ids: list[int]) -> dict[int, Membership]:
-    found = {}
+def _memberships(
+    course: Course, user_ids: list[int]
+) -> tuple[dict[int, Membership], dict[int, list[str]]]:
+    """The users' memberships of this course (locked), and the roles they hold in other
+    courses, in one query per chunk of users."""
+    found, elsewhere = {}, {}
     for chunk in _chunks(user_ids, params_per_item=1):
         memberships = (
             Membership.objects.select_for_update(of=("self",))
-            .filter(course=course, user_id__in=chunk)
+            .filter(user_id__in=chunk)
             .select_related("group")
         )
-        found.update({m.user_id: m for m in memberships})
-    return found
+        for membership in memberships:
+            if membership.course_id == course.pk:
+                found[membership.user_id] = membership
+            else:
+                elsewhere.setdefault(membership.user_id, []).append(membership.role)
+    return found, elsewhere
 
 
-def _plan(*, course: Course, rows: list[_Row], errors: list[tuple[int, str]]) -> _Plan:
+def _plan(
+    *,
+    course: Course,
+    rows: list[_Row],
+    errors: list[tuple[int, str]],
+    allow_account_changes: bool = False,
+) -> _Plan:
     """What the import would do with each row, and every line's error, before any write.
 
     One function rather than several on purpose: each check reads the same lookups (users
@@ -415,7 +441,7 @@ def _plan(*, course: Course, rows: list[_Row], errors: list[tuple[int, str]]) ->
             continue
         if user is not None:
             matched[row.line] = user
-    memberships = _memberships(course, [user.pk for user in matched.values()])
+    memberships, elsewhere = _memberships(course, [user.pk for user in matched.values()])
 
     plan = _Plan(course=course)
     for row in rows:
@@ -436,6 +462,19 @@ def _plan(*, course: Course, rows: list[_Row], errors: list[tuple[int, str]]) ->
             plan.lines.append(RosterLine(row.line, row.username, Outcome.CREATED))
             continue
 
+        if (
+            not allow_account_changes
+            and (why := _not_ours(user, memberships.get(user.pk), elsewhere.get(user.pk)))
+            and (touched := _account_changes(user=user, row=row))
+        ):
+            errors.append(
+                (
+                    row.line,
+                    f"'{user.username}' is {why}: this roster does not change their "
+                    f"{' or '.join(touched)} (--allow-account-changes does, if you mean it)",
+                )
+            )
+            continue
         changes = _user_update(user=user, row=row)
         if changes:
             plan.changed_users.append(user)
@@ -460,6 +499,30 @@ def _plan(*, course: Course, rows: list[_Row], errors: list[tuple[int, str]]) ->
         outcome = Outcome.UPDATED if changes else Outcome.UNCHANGED
         plan.lines.append(RosterLine(row.line, user.username, outcome, tuple(changes)))
     return plan
+
+
+def _not_ours(user: AbstractUser, here: Membership | None, roles_elsewhere) -> str:
+    """Why this course's roster must not change the account's identity ("" if it may)."""
+    if user.is_superuser:
+        return "a superuser"
+    if roles_elsewhere and any(role in STAFF_ROLES for role in roles_elsewhere):
+        return "staff of another course"
+    if roles_elsewhere:
+        return "on another course's roster"
+    if here is None:
+        return "an account this course's roster did not create"
+    return ""
+
+
+def _account_changes(*, user: AbstractUser, row: _Row) -> list[str]:
+    """Which of email and names the row would change."""
+    wanted = {"email": row.email, "first_name": row.first_name, "last_name": row.last_name}
+    labels = {"email": "email", "first_name": "first name", "last_name": "last name"}
+    return [
+        labels[name]
+        for name, value in wanted.items()
+        if value is not None and getattr(user, name) != value
+    ]
 
 
 def _user_update(*, user: AbstractUser, row: _Row) -> list[str]:

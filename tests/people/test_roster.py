@@ -247,7 +247,7 @@ def test_an_existing_non_ascii_username_is_found_again(import_roster):
     # SQLite's LOWER() leaves "Ä" alone; the exact name must still match.
     User.objects.create_user("Ärne", email="arne@example.edu", password=None)
 
-    report = import_roster(roster_csv("Ärne,arne@example.edu,Ärne,,"))
+    report = import_roster(roster_csv("Ärne,arne@example.edu,Ärne,,"), allow_account_changes=True)
 
     assert report.updated == 1
     assert User.objects.get().first_name == "Ärne"
@@ -594,3 +594,47 @@ def test_a_thousand_rows_import_in_a_handful_of_queries(
     with django_assert_max_num_queries(4):
         again = import_roster(data)
     assert again.unchanged == 1001
+
+
+# --- a roster never takes over an account --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "who",
+    ["superuser", "staff of another course", "student of another course", "made by hand"],
+)
+def test_it_never_changes_the_email_or_names_of_an_account_it_does_not_own(
+    course, roster_error, import_roster, who
+):
+    from labs.choices import Role
+    from labs.models import Course, Membership
+
+    other = Course.objects.create(slug="net201", title="Networks")
+    user = User.objects.create_user(
+        "eve", email="eve@example.edu", first_name="Eve", password=None,
+        is_superuser=who == "superuser",
+    )  # fmt: skip
+    if who == "staff of another course":
+        Membership.objects.create(course=other, user=user, role=Role.INSTRUCTOR)
+    if who == "student of another course":
+        Membership.objects.create(course=other, user=user, role=Role.STUDENT)
+
+    error = roster_error(roster_csv("eve,attacker@example.com,Eve,,"))
+    assert error.startswith("line 2: 'eve' is ")
+    assert "does not change their email" in error and "--allow-account-changes" in error
+    # Naming the account as it is, only adding it to the course, is fine.
+    report = import_roster(roster_csv("eve,eve@example.edu,Eve,,"))
+    assert report.updated == 1 and User.objects.get(username="eve").email == "eve@example.edu"
+
+
+def test_the_operator_may_change_such_an_account_on_purpose(course, import_roster):
+    User.objects.create_user("eve", email="eve@example.edu", password=None)
+    report = import_roster(roster_csv("eve,eve@new.example.edu,,,"), allow_account_changes=True)
+    assert report.updated == 1
+    assert User.objects.get(username="eve").email == "eve@new.example.edu"
+
+
+def test_accounts_this_course_made_are_still_updated(course, import_roster):
+    import_roster(roster_csv("zoe,zoe@example.edu,Zoe,,"))
+    report = import_roster(roster_csv("zoe,zoe@example.edu,Zoë,,"))
+    assert report.updated == 1 and User.objects.get(username="zoe").first_name == "Zoë"

@@ -30,6 +30,14 @@ class Command(BaseCommand):
             help="role for rows without one in a role column (default: student)",
         )
         parser.add_argument(
+            "--allow-account-changes",
+            action="store_true",
+            help="let the roster change the email or names of accounts it does not own: a "
+            "superuser, someone on another course's roster or staff there, or an account "
+            "that existed before this course named it. Without it such lines are refused "
+            "and nothing is imported (adding those accounts to the course is always fine)",
+        )
+        parser.add_argument(
             "--dry-run",
             action="store_true",
             help="check the file and report what would change; write nothing, send nothing",
@@ -40,7 +48,11 @@ class Command(BaseCommand):
         data = self.file_read(options["file"])
         try:
             report = roster_import(
-                course=course, data=data, default_role=options["role"], dry_run=options["dry_run"]
+                course=course,
+                data=data,
+                default_role=options["role"],
+                dry_run=options["dry_run"],
+                allow_account_changes=options["allow_account_changes"],
             )
         except RosterError as error:
             for line in error.errors:
