@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import time
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlencode
@@ -111,6 +112,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+def escape_controls(text: str) -> str:
+    """Control, format (bidi) and separator characters written as escapes (``\\n``,
+    ``\\u202e``), so that one record is one line and reads as it is."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")
+        else char
+        for char in text
+    )
+
+
 class TextFormatter(logging.Formatter):
     """For a terminal: ``time LEVEL logger message key=value ...`` (tracebacks follow)."""
 
@@ -118,9 +130,16 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = scrub(super().format(record))
+        # The message and the fields are one line whatever they carry (a newline in a
+        # group name must not forge a log line); a traceback after them keeps its lines.
+        saved = record.msg, record.args
+        record.msg, record.args = escape_controls(record.getMessage()), None
+        try:
+            line = scrub(super().format(record))
+        finally:
+            record.msg, record.args = saved
         fields = " ".join(
-            f"{k}={scrub(str(v))}"
+            f"{k}={escape_controls(scrub(str(v)))}"
             for k, v in _extras(record).items()
             if k not in _IN_TEXT_MESSAGE and v not in (None, "")
         )

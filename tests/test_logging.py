@@ -240,3 +240,13 @@ def test_a_failed_operation_run_logs_the_message_the_students_see(
     assert (line["status"], line["level"], line["kind"]) == ("failed", "WARNING", "reboot")
     assert line["error"] == op.error != ""
     assert Operation.objects.get(pk=op.pk).status == "failed"
+
+
+def test_the_text_format_keeps_one_record_on_one_line_whatever_it_carries():
+    record = logging.LogRecord(
+        "labs.test", logging.WARNING, __file__, 1, "group %s approved", ("A\nFAKE LINE",), None
+    )
+    record.group = "B\u202eevil\r\n"
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and "\u202e" not in line
+    assert "A\\nFAKE LINE" in line and "group=B\\u202eevil\\r\\n" in line
