@@ -17,6 +17,7 @@ The rules, in one table (``ROLES``):
 | operate | a student member of an *approved* group; the course's staff; superusers |
 | observe | the course's staff; superusers (view-only consoles)                   |
 | review  | the course's staff; superusers (approve, reject, move members, bulk)  |
+| quota   | the course's instructors (not TAs), up to the caps a superuser sets; superusers |
 
 "Course staff" has one definition: an *active* user with a TA or instructor membership of
 the course, or an active superuser. (The Django admin additionally requires ``is_staff``
@@ -48,6 +49,7 @@ class Action(StrEnum):
     OPERATE = "operate"
     OBSERVE = "observe"
     REVIEW = "review"
+    QUOTA = "quota"  # raise a group's quotas (up to the course's caps)
 
 
 # The course roles that grant each action on every group of the course. Students get
@@ -57,6 +59,7 @@ ROLES: dict[Action, tuple[str, ...]] = {
     Action.OPERATE: STAFF_ROLES,
     Action.OBSERVE: STAFF_ROLES,
     Action.REVIEW: STAFF_ROLES,
+    Action.QUOTA: (Role.INSTRUCTOR,),
 }
 # What a student member of a group may do with it (operate: only once it is approved).
 MEMBER_ACTIONS = frozenset({Action.VIEW, Action.OPERATE})

@@ -18,6 +18,15 @@ from labs.models import Course, Group, Host, Image, Membership, Operation, Snaps
 from labs.people import groups as group_services
 
 
+def quota_caps(course: Course) -> dict[str, int]:
+    """How far an instructor may raise a group's quotas: the caps a superuser set on the
+    course."""
+    return {
+        field: getattr(course, f"quota_cap_{field.removeprefix('quota_')}")
+        for field in GroupAdmin.quota_fields
+    }
+
+
 def _is_course_staff(request) -> bool:
     """Staff of at least one course (the access policy's one definition); Django's admin
     site has already required ``is_staff`` to let the user in at all."""
@@ -159,14 +168,41 @@ class GroupAdmin(CourseScopedAdmin):
         return super().get_queryset(request).prefetch_related("memberships__user")
 
     def has_change_permission(self, request, obj=None):
-        # Course staff may raise a group's quotas; every other field stays read-only.
+        # Instructors may raise a group's quotas (up to the course's caps); every other
+        # field stays read-only, and for TAs everything does.
         return request.user.is_superuser or _is_course_staff(request)
 
     def get_readonly_fields(self, request, obj=None):
         if request.user.is_superuser:
             return self.readonly_fields
         every = [f for _, opts in self.fieldsets for f in opts["fields"]]
-        return [f for f in every if f not in self.quota_fields]
+        if obj is not None and access.may(request.user, access.Action.QUOTA, obj.course):
+            return [f for f in every if f not in self.quota_fields]
+        return every
+
+    def get_form(self, request, obj=None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        user = request.user
+
+        class CappedForm(form):
+            """Quotas an instructor sets stay within the course's caps."""
+
+            def clean(self):
+                data = super().clean()
+                if user.is_superuser or obj is None:
+                    return data
+                caps = quota_caps(obj.course)
+                for field in GroupAdmin.quota_fields:
+                    value = data.get(field)
+                    if value is not None and value > caps[field]:
+                        self.add_error(
+                            field,
+                            f"At most {caps[field]} for this course; a superuser sets the "
+                            "course's caps.",
+                        )
+                return data
+
+        return CappedForm
 
     def get_search_results(self, request, queryset, search_term):
         queryset, _ = super().get_search_results(request, queryset, search_term)

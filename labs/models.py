@@ -37,6 +37,11 @@ class Course(models.Model):
     snapshot_limit = models.PositiveSmallIntegerField(
         "snapshots per VM", default=10, help_text="The most snapshots one VM may keep."
     )
+    # How far an instructor may raise one group's quotas (superusers set these).
+    quota_cap_vms = models.PositiveSmallIntegerField("VMs cap", default=10)
+    quota_cap_vcpus = models.PositiveSmallIntegerField("vCPUs cap", default=16)
+    quota_cap_memory_mib = models.PositiveIntegerField("memory cap (MiB)", default=32768)
+    quota_cap_disk_gib = models.PositiveIntegerField("disk cap (GiB)", default=200)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

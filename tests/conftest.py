@@ -134,6 +134,18 @@ def ines(make_student):
 
 
 @pytest.fixture
+def tara(make_student):
+    """A TA of the course: reviews and operates, but raises no quota."""
+    return make_student("tara", role=Role.TA)
+
+
+@pytest.fixture
+def otto(make_student, other_course):
+    """A TA of another course only: must see nothing of ``course``."""
+    return make_student("otto", role=Role.TA, in_course=other_course)
+
+
+@pytest.fixture
 def other_course(db) -> Course:
     return Course.objects.create(slug="net201", title="Networks")
 

@@ -208,3 +208,52 @@ def test_a_group_name_with_a_newline_breaks_no_bulk_review(
     assert set(Group.objects.values_list("status", flat=True)) == {GroupStatus.APPROVED}
     assert len(mail.outbox) == 3
     assert all("\n" not in m.subject and m.bcc == [] for m in mail.outbox)
+
+
+# --- TAs and instructors: who may do what (docs/decisions.md) ------------------------------
+
+
+def _quota_post(client, group, vms: str):
+    return client.post(
+        reverse("admin:labs_group_change", args=[group.pk]),
+        {
+            "quota_vms": vms,
+            "quota_vcpus": "",
+            "quota_memory_mib": "",
+            "quota_disk_gib": "",
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        },
+    )
+
+
+def test_a_ta_reviews_groups_but_raises_no_quota(
+    client_for, tara, group_a, django_capture_on_commit_callbacks
+):
+    client = client_for(tara)
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(reverse(CHANGELIST), {"action": "approve", ACTION_CHECKBOX_NAME: [group_a.pk]})
+    group_a.refresh_from_db()
+    assert group_a.status == GroupStatus.APPROVED
+    _quota_post(client, group_a, "5")
+    group_a.refresh_from_db()
+    assert group_a.quota_vms is None  # the field is read-only for a TA
+
+
+def test_an_instructor_raises_a_quota_only_up_to_the_courses_cap(client_for, ines, group_a):
+    Course.objects.filter(pk=group_a.course_id).update(quota_cap_vms=3)
+    response = _quota_post(client_for(ines), group_a, "4")
+    assert response.status_code == 200
+    assert "At most 3 for this course" in response.content.decode()
+    group_a.refresh_from_db()
+    assert group_a.quota_vms is None
+    assert _quota_post(client_for(ines), group_a, "3").status_code == 302
+    group_a.refresh_from_db()
+    assert group_a.quota_vms == 3
+
+
+def test_a_ta_of_another_course_sees_none_of_these_groups(client_for, otto, group_a):
+    page = client_for(otto).get(reverse(CHANGELIST)).content.decode()
+    assert "Alpha" not in page
+    change = client_for(otto).get(reverse("admin:labs_group_change", args=[group_a.pk]))
+    assert change.status_code in (302, 403, 404)

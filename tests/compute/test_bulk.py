@@ -216,3 +216,10 @@ def test_a_long_list_of_skips_is_summarised(ines, group_a, make_vm):
         "Queued nothing; skipped 8: Alpha/vm1 is stopped; Alpha/vm2 is stopped; "
         "Alpha/vm3 is stopped; Alpha/vm4 is stopped; Alpha/vm5 is stopped; and 3 more."
     )
+
+
+def test_a_ta_of_another_course_may_not(otto, group_a, make_vm):
+    make_vm(group_a)
+    with pytest.raises(PermissionDenied):
+        vms_bulk_request(course=group_a.course, kind="stop", by=otto)
+    assert ops() == []

@@ -251,3 +251,13 @@ def test_tickets_signed_before_a_secret_key_rotation_still_work(alice, vm_a, set
     settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "a-new-secret-" * 4, [old_key]
     ticket = consoles.ticket_consume(token=token)
     assert (ticket.user_id, ticket.vm_id) == (alice.pk, vm_a.pk)
+
+
+@pytest.mark.parametrize("view_only", [False, True])
+def test_a_ta_opens_any_console_of_the_course_and_a_ta_of_another_course_none(
+    vm_a, tara, otto, view_only
+):
+    target = console_target_for(user_id=tara.pk, vm_id=vm_a.pk, view_only=view_only)
+    assert target.vm_id == vm_a.pk
+    with pytest.raises(ConsoleDenied):
+        console_target_for(user_id=otto.pk, vm_id=vm_a.pk, view_only=view_only)

@@ -451,3 +451,15 @@ def test_the_channel_names_are_the_documented_ones():
     assert events.group_channel(12) == "events.group.12"
     assert events.course_channel(3) == "events.course.3"
     assert events.user_channel(7) == "events.user.7"
+
+
+def test_a_ta_hears_the_course_and_a_ta_of_another_course_does_not(course, group_a, tara, otto):
+    assert events.course_channel(course.pk) in events.channels_for(user=tara)
+    assert (
+        events.channels_for(user=otto)
+        & {
+            events.course_channel(course.pk),
+            events.group_channel(group_a.pk),
+        }
+        == set()
+    )
