@@ -4,6 +4,7 @@ selector or ``labs.access``), calls one service and maps its refusal once
 
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connection
@@ -19,8 +20,16 @@ from labs.compute import bulk as bulk_services
 from labs.compute import kinds, quotas, requests
 from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
-from labs.forms import BulkActionForm, GroupEditForm, GroupKeyForm, GroupSignupForm
+from labs.forms import (
+    AccountResetForm,
+    BulkActionForm,
+    GroupEditForm,
+    GroupKeyForm,
+    GroupSignupForm,
+)
 from labs.people import groups as group_services
+from labs.people.tokens import account_tokens
+from labs.throttle import Throttled, client_address, throttle_hit
 
 
 def say_refusal(request, error: Exception) -> None:
@@ -234,6 +243,14 @@ def vm_console_ticket(request, vm_id: int):
     if view_only and not access.may(request.user, Action.OBSERVE, vm):
         view_only = False  # observe mode is for course staff; members always drive
     try:
+        throttle_hit(
+            scope="ticket",
+            keys=[f"user:{request.user.pk}", f"ip:{client_address(request)}"],
+            limit=settings.TICKETS_PER_MINUTE,
+            window=60,
+            what="console tickets",
+            unavailable=leases.tickets_unavailable().message,
+        )
         if (too_many := leases.console_cap_message(user_id=request.user.pk)) is not None:
             return JsonResponse({"error": too_many}, status=429)
         token = tickets.ticket_issue(
@@ -246,6 +263,40 @@ def vm_console_ticket(request, vm_id: int):
     )
     response["Cache-Control"] = "no-store"
     return response
+
+
+class AccountResetView(auth_views.PasswordResetView):
+    """Django's reset page with the invitation-aware form and token generator, and
+    throttled: per address with a clear message, per account silently (the page must not
+    say whether an address exists)."""
+
+    form_class = AccountResetForm
+    token_generator = account_tokens
+
+    def form_valid(self, form):
+        try:
+            throttle_hit(
+                scope="reset",
+                keys=[f"ip:{client_address(self.request)}"],
+                limit=settings.RESETS_PER_HOUR * 4,
+                window=3600,
+                what="password-reset mails from your address",
+            )
+        except StratusError as error:
+            form.add_error(None, error.message)
+            return self.form_invalid(form)
+        try:
+            email = form.cleaned_data["email"].lower()
+            throttle_hit(
+                scope="reset",
+                keys=[f"email:{email}"],
+                limit=settings.RESETS_PER_HOUR,
+                window=3600,
+                what="password-reset mails",
+            )
+        except Throttled:
+            return redirect(self.get_success_url())  # as if sent: no mail, no tell
+        return super().form_valid(form)
 
 
 @require_http_methods(["GET", "HEAD"])

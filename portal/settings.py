@@ -4,6 +4,7 @@ See docs/configuration.md for the variables. With nothing set, Stratus runs as a
 development site: DEBUG on, SQLite, console email, Redis on loopback.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -37,6 +38,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "axes",  # failed sign-ins counted per account and per address (django-axes)
     "labs",
 ]
 
@@ -52,7 +54,25 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: it answers a locked-out sign-in
 ]
+
+# Sign-in throttling: after LOGIN_FAILURE_LIMIT failed attempts for one account, or from
+# one address, sign-ins from there wait LOGIN_COOLOFF_MINUTES (a success resets the count).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env_bool("AXES_ENABLED", True)
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+# Console tickets and password-reset mails per account and per address (labs/throttle.py).
+TICKETS_PER_MINUTE = env_int("TICKETS_PER_MINUTE", 30)
+RESETS_PER_HOUR = env_int("RESETS_PER_HOUR", 5)
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = None

@@ -2,8 +2,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from labs.forms import AccountResetForm
 from labs.people.tokens import account_tokens
+from labs.views import AccountResetView
 
 admin.site.site_header = "Stratus administration"
 admin.site.site_title = "Stratus admin"
@@ -13,13 +13,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     # Invited accounts can ask for a new link; links live as long as whom they are for
     # needs (labs/people/tokens.py).
-    path(
-        "accounts/password_reset/",
-        auth_views.PasswordResetView.as_view(
-            form_class=AccountResetForm, token_generator=account_tokens
-        ),
-        name="password_reset",
-    ),
+    path("accounts/password_reset/", AccountResetView.as_view(), name="password_reset"),
     path(
         "accounts/reset/<uidb64>/<token>/",
         auth_views.PasswordResetConfirmView.as_view(token_generator=account_tokens),

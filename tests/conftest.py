@@ -35,6 +35,14 @@ def _close_the_async_tests_connection(django_db_setup):
 
 
 @pytest.fixture(autouse=True)
+def _sign_in_throttle_off(settings):
+    """django-axes wants the request in every authenticate(); Django's test client's
+    login() passes none. Its lock-outs are tested with it on (tests/test_throttles.py);
+    servers the tests start as processes run with it on."""
+    settings.AXES_ENABLED = False
+
+
+@pytest.fixture(autouse=True)
 def _private_channel_layer(settings):
     """Console revocations of this test only: Redis is shared with other runs and demos."""
     layers = copy.deepcopy(settings.CHANNEL_LAYERS)
