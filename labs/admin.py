@@ -106,7 +106,7 @@ class MembershipAdmin(CourseScopedAdmin):
 
 class MemberInline(admin.TabularInline):
     model = Membership
-    fields = ["user", "full_name", "email", "role"]
+    fields = ["user", "full_name", "email", "role", "confirmed_at"]
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -208,9 +208,11 @@ class GroupAdmin(CourseScopedAdmin):
         queryset, _ = super().get_search_results(request, queryset, search_term)
         return queryset.distinct(), False
 
-    @admin.display(description="members")
+    @admin.display(description="members (? = not confirmed yet)")
     def member_list(self, obj):
-        return ", ".join(m.user.username for m in obj.memberships.all())
+        return ", ".join(
+            m.user.username + ("" if m.confirmed_at else "?") for m in obj.memberships.all()
+        )
 
     def has_review_permission(self, request):
         return request.user.is_superuser or _is_course_staff(request)

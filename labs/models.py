@@ -145,6 +145,9 @@ class Membership(models.Model):
     group = models.ForeignKey(
         Group, null=True, blank=True, on_delete=models.SET_NULL, related_name="memberships"
     )
+    # When the student said yes to the group they were named in (the one who signed the
+    # group up said so by signing up); empty: not yet.
+    confirmed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

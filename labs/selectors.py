@@ -27,7 +27,7 @@ from labs.models import Course, Group, Membership, Operation, Vm, waiting_note
 
 def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
     """The user's course memberships, with course and group, for the home page."""
-    return Membership.objects.filter(user=user).select_related("course", "group")
+    return Membership.objects.filter(user=user).select_related("course", "group__created_by")
 
 
 def group_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:

@@ -159,6 +159,34 @@ def group_edit(request, group_id: int):
 
 @login_required
 @require_POST
+def group_confirm(request, group_id: int):
+    """A named member says yes to the pending group."""
+    group = selectors.group_for_member(user=request.user, group_id=group_id)
+    try:
+        group_services.membership_confirm(group=group, by=request.user)
+    except (ValidationError, StratusError) as error:
+        say_refusal(request, error)
+    else:
+        messages.success(request, f"You confirmed that you are in “{group.name}”.")
+    return redirect("labs:home")
+
+
+@login_required
+@require_POST
+def group_decline(request, group_id: int):
+    """A named member leaves the pending group."""
+    group = selectors.group_for_member(user=request.user, group_id=group_id)
+    try:
+        group_services.membership_decline(group=group, by=request.user)
+    except (ValidationError, StratusError) as error:
+        say_refusal(request, error)
+    else:
+        messages.success(request, f"You left “{group.name}”; you may join or sign up another.")
+    return redirect("labs:home")
+
+
+@login_required
+@require_POST
 def group_key(request, group_id: int):
     group = selectors.group_for_member(user=request.user, group_id=group_id)
     form = GroupKeyForm(request.POST)

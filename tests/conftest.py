@@ -35,6 +35,14 @@ def _close_the_async_tests_connection(django_db_setup):
 
 
 @pytest.fixture(autouse=True)
+def _private_throttle_counters(monkeypatch):
+    """Throttle counters of this test only (Redis is shared with other tests and runs)."""
+    from labs import throttle
+
+    monkeypatch.setattr(throttle, "PREFIX", f"stratus-test-throttle-{uuid.uuid4().hex}:")
+
+
+@pytest.fixture(autouse=True)
 def _sign_in_throttle_off(settings):
     """django-axes wants the request in every authenticate(); Django's test client's
     login() passes none. Its lock-outs are tested with it on (tests/test_throttles.py);

@@ -74,20 +74,25 @@ def group_register(
         # a membership that another signup claimed meanwhile no longer matches.
         claimed = Membership.objects.filter(
             pk__in=[m.pk for m in members], group__isnull=True, role=Role.STUDENT
-        ).update(group=group)
+        ).update(group=group, confirmed_at=None)
+        Membership.objects.filter(pk=members[0].pk).update(confirmed_at=timezone.now())
         if claimed != len(members):
             taken = Membership.objects.filter(
                 pk__in=[m.pk for m in members], group__isnull=False
             ).exclude(group=group)
-            names = ", ".join(sorted(m.user.username for m in taken.select_related("user")))
-            raise ValidationError(
-                {"members": f"Already in another group of this course: {names}."},
-                code="taken",
-            )
+            names = sorted(m.user.username for m in taken.select_related("user"))
+            raise ValidationError({"members": cannot_be_added(names)}, code="taken")
         for member in members:  # their open pages now follow the new group
             events.access_changed(user_id=member.user_id)
         events.group_changed(group=group)
     return group
+
+
+def cannot_be_added(usernames: list[str]) -> str:
+    return (
+        f"These usernames cannot be added: {', '.join(usernames)}. Check the spelling, or "
+        "ask them whether they are on this course's roster and in no other group."
+    )
 
 
 def _members_for_signup(
@@ -114,15 +119,15 @@ def _members_for_signup(
         .select_related("user", "group")
     )
     errors = []
-    unknown = wanted - {m.lname for m in others}
-    if unknown:
-        errors.append(f"Not students of this course: {', '.join(sorted(unknown))}.")
-    staff = sorted(m.user.username for m in others if m.role != Role.STUDENT)
-    if staff:
-        errors.append(f"Course staff cannot be group members: {', '.join(staff)}.")
-    taken = sorted(m.user.username for m in others if m.group_id is not None)
-    if taken:
-        errors.append(f"Already in another group of this course: {', '.join(taken)}.")
+    # Not on the roster, staff, or in another group: a student is told no more than that
+    # these cannot be added (who is on which roster, or in which group, is not theirs).
+    typed = {u.lower(): u for u in usernames}
+    refused = sorted(
+        [typed[name] for name in wanted - {m.lname for m in others}]
+        + [typed[m.lname] for m in others if m.role != Role.STUDENT or m.group_id is not None]
+    )
+    if refused:
+        errors.append(cannot_be_added(refused))
     total = 1 + len(wanted)
     if total > course.max_group_size:
         errors.append(
@@ -163,6 +168,51 @@ def _one_line(**fields: str) -> None:
             errors[field] = error.messages
     if errors:
         raise ValidationError(errors, code="control_character")
+
+
+def membership_confirm(*, group: Group, by: AbstractBaseUser) -> Membership:
+    """A named member says yes to the pending group they were signed up in."""
+    with transaction.atomic():
+        membership = _own_pending_membership(group=group, by=by)
+        if membership.confirmed_at is None:
+            membership.confirmed_at = timezone.now()
+            membership.save(update_fields=["confirmed_at"])
+            events.group_changed(group=group)
+    return membership
+
+
+def membership_decline(*, group: Group, by: AbstractBaseUser) -> Membership:
+    """A named member leaves a group that is still pending (the one who signed it up
+    edits it instead). The others stay; the reviewer sees one member fewer."""
+    with transaction.atomic():
+        membership = _own_pending_membership(group=group, by=by)
+        if group.created_by_id == by.pk:
+            raise ValidationError(
+                "You signed this group up: edit it, or ask your teammates to decline.",
+                code="submitter",
+            )
+        membership.group = None
+        membership.confirmed_at = None
+        membership.save(update_fields=["group", "confirmed_at"])
+        events.access_changed(user_id=by.pk)
+        events.group_changed(group=group)
+    return membership
+
+
+def _own_pending_membership(*, group: Group, by: AbstractBaseUser) -> Membership:
+    membership = (
+        Membership.objects.select_for_update()
+        .filter(group=group, user=by, role=Role.STUDENT)
+        .first()
+    )
+    if membership is None:
+        raise NotAllowed("Only the group's members confirm or decline it.")
+    if group.status != GroupStatus.PENDING:
+        raise ValidationError(
+            "The group has been reviewed; ask your instructor to change its members.",
+            code="reviewed",
+        )
+    return membership
 
 
 def _key_parse(text: str) -> SshKeyInfo:

@@ -5,6 +5,7 @@ import pytest
 from django.core import mail
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import connection
+from django.urls import reverse
 from django.utils import timezone
 
 from labs.choices import GroupStatus, Role
@@ -58,7 +59,8 @@ def test_signup_makes_a_pending_group_with_the_submitter_and_named_students(
 def test_it_refuses_a_username_that_is_not_on_the_roster(course, alice, make_public_key):
     with pytest.raises(ValidationError) as excinfo:
         register(course, alice, make_public_key(), members=["mallory"])
-    assert "Not students of this course: mallory" in messages_of(excinfo)
+    # Whether mallory exists is not the student's to learn: only that she cannot be added.
+    assert "These usernames cannot be added: mallory." in messages_of(excinfo)
     assert not Group.objects.exists()
 
 
@@ -75,13 +77,13 @@ def test_it_refuses_a_student_of_another_course(course, alice, make_student, mak
 def test_it_refuses_course_staff_as_members(course, alice, ines, make_public_key):
     with pytest.raises(ValidationError) as excinfo:
         register(course, alice, make_public_key(), members=["ines"])
-    assert "Course staff cannot be group members: ines" in messages_of(excinfo)
+    assert "These usernames cannot be added: ines." in messages_of(excinfo)
 
 
 def test_it_refuses_a_student_already_in_a_group(course, group_b, alice, make_public_key):
     with pytest.raises(ValidationError) as excinfo:
         register(course, alice, make_public_key(), members=["carol"])
-    assert "Already in another group of this course: carol" in messages_of(excinfo)
+    assert "These usernames cannot be added: carol." in messages_of(excinfo)
     assert Membership.objects.get(user=alice).group is None
 
 
@@ -319,3 +321,41 @@ def test_a_group_name_or_title_refuses_control_and_direction_characters(
         register(course, alice, make_public_key(), name=bad)
     assert "one line of plain text" in excinfo.value.message_dict["name"][0]
     assert not Group.objects.exists()
+
+
+# --- consent: a named member confirms or leaves the pending group ---------------------------
+
+
+def test_a_named_member_sees_the_pending_group_and_confirms_it(client_for, group_a, bob):
+    home = client_for(bob).get(reverse("labs:home")).content.decode()
+    assert "alice signed you up for this group" in home
+    client_for(bob).post(reverse("labs:group_confirm", args=[group_a.pk]))
+    assert Membership.objects.get(user=bob).confirmed_at is not None
+    assert "signed you up" not in client_for(bob).get(reverse("labs:home")).content.decode()
+
+
+def test_a_named_member_declines_and_leaves_the_pending_group(client_for, group_a, alice, bob):
+    response = client_for(bob).post(reverse("labs:group_decline", args=[group_a.pk]), follow=True)
+    assert "You left “Alpha”" in response.content.decode()
+    assert Membership.objects.get(user=bob).group is None
+    assert list(group_a.memberships.values_list("user__username", flat=True)) == ["alice"]
+
+
+def test_the_submitter_cannot_decline_and_nobody_declines_a_reviewed_group(
+    client_for, group_a, alice, bob, ines
+):
+    client_for(alice).post(reverse("labs:group_decline", args=[group_a.pk]))
+    assert Membership.objects.get(user=alice).group == group_a
+    group_approve(group=group_a, by=ines)
+    client_for(bob).post(reverse("labs:group_decline", args=[group_a.pk]))
+    assert Membership.objects.get(user=bob).group == group_a
+
+
+def test_another_student_cannot_confirm_or_decline(client_for, group_a, carol):
+    response = client_for(carol).post(reverse("labs:group_decline", args=[group_a.pk]))
+    assert response.status_code == 404
+
+
+def test_the_reviewer_sees_who_confirmed(client_for, group_a, ines):
+    page = client_for(ines).get(reverse("admin:labs_group_changelist")).content.decode()
+    assert "alice, bob?" in page  # the submitter confirmed by signing up; bob not yet
