@@ -42,7 +42,8 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
     """Compare desired and observed state on one host; restart what should be running.
 
     A host that does not answer marks its VMs ``unknown``: no record is ever deleted or
-    re-created because a host was unreachable.
+    re-created because a host was unreachable. One loop on purpose: each VM's state,
+    console endpoint, consoles and restart are decided together from one observation.
     """
     report = ReconcileReport(host=host.name, reachable=True, drift=[])
     vms = list(

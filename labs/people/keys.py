@@ -43,7 +43,11 @@ class SshKeyInfo:
 
 
 def sshkey_parse(*, text: str) -> SshKeyInfo:
-    """Parse one OpenSSH public key line; raise ValidationError saying what to paste instead."""
+    """Parse one OpenSSH public key line; raise ValidationError saying what to paste instead.
+
+    Long because every way a student pastes the wrong thing (a private key, a PuTTY key,
+    two keys, a certificate) gets its own sentence, in the order they are checked.
+    """
     if len(text) > MAX_INPUT_CHARS:
         raise ValidationError(
             "This is far too long to be an SSH public key. Paste only the one line from "
