@@ -60,6 +60,7 @@ class OperationKind(models.TextChoices):
     REVERT = "revert", "Revert to snapshot"
     SNAPSHOT_DELETE = "snapshot_delete", "Delete snapshot"
     RESET = "reset", "Reset to baseline"
+    SSH_SYNC = "ssh_sync", "Update SSH access"
     DELETE = "delete", "Delete"
 
 

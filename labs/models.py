@@ -83,6 +83,10 @@ class Group(models.Model):
     ssh_key_type = models.CharField(max_length=64)
     ssh_key_bits = models.PositiveIntegerField()
     ssh_key_fingerprint = models.CharField(max_length=100)
+    # When the key was last replaced and a member last left the approved group: a member
+    # who left may still hold the private key, so the page asks for a new one until then.
+    ssh_key_changed_at = models.DateTimeField(null=True, blank=True)
+    member_left_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(
         max_length=16, choices=GroupStatus.choices, default=GroupStatus.PENDING
     )
@@ -128,6 +132,13 @@ class Group(models.Model):
     @property
     def is_editable(self) -> bool:
         return self.status != GroupStatus.APPROVED
+
+    @property
+    def key_replacement_advised(self) -> bool:
+        """A member left since the key was last replaced: they may hold its private key."""
+        return self.member_left_at is not None and (
+            self.ssh_key_changed_at is None or self.ssh_key_changed_at < self.member_left_at
+        )
 
 
 class Membership(models.Model):
@@ -418,6 +429,14 @@ class Vm(models.Model):
     vnc_socket = models.CharField(max_length=300, blank=True)
     # The desktop name that VNC server announces: the console proxy checks it.
     vnc_name = models.CharField(max_length=300, blank=True)
+    # SSH access inside the guest (labs/compute/ssh_access.py): every account and key
+    # Stratus has given on this disk since its last reset (so a revert to an older
+    # snapshot cannot bring one back unnoticed), when the members or key last changed,
+    # and when the guest last got them (the seed, or the guest agent).
+    ssh_accounts = models.JSONField(default=list, blank=True)
+    ssh_keys = models.JSONField(default=list, blank=True)
+    ssh_wanted_at = models.DateTimeField(null=True, blank=True)
+    ssh_synced_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -446,6 +465,13 @@ class Vm(models.Model):
     def domain_name(self) -> str:
         """The libvirt name: derived from the id, so free text never reaches libvirt names."""
         return f"{settings.STRATUS_DOMAIN_PREFIX}{self.pk}"
+
+    @property
+    def ssh_sync_due(self) -> bool:
+        """The members or the key changed since the guest last got them."""
+        return self.ssh_wanted_at is not None and (
+            self.ssh_synced_at is None or self.ssh_synced_at < self.ssh_wanted_at
+        )
 
     @property
     def ssh_command(self) -> str:

@@ -114,6 +114,7 @@ def group_detail(request, group_id: int):
         context["edit_form"] = GroupEditForm(
             initial={"project_title": group.project_title, "project_idea": group.project_idea}
         )
+    if is_member:  # an approved group's new key takes effect at once
         context["key_form"] = GroupKeyForm()
     return _render_live(request, "labs/group_detail.html", context)
 
@@ -199,12 +200,16 @@ def group_key(request, group_id: int):
         except (ValidationError, StratusError) as error:
             form_refusal(form, error)
         else:
-            messages.success(
-                request,
-                "Key replaced and group resubmitted for review."
-                if was_rejected
-                else "Key replaced.",
-            )
+            if was_rejected:
+                done = "Key replaced and group resubmitted for review."
+            elif group.status == GroupStatus.APPROVED:
+                done = (
+                    "Key replaced. Your running VMs take it within seconds, and the old key "
+                    "stops working there; stopped VMs take it when they start."
+                )
+            else:
+                done = "Key replaced."
+            messages.success(request, done)
             return redirect("labs:group_detail", group_id=group.pk)
     return render(request, "labs/group_key.html", {"group": group, "form": form}, status=400)
 

@@ -194,6 +194,8 @@ CELERY_BEAT_SCHEDULE = {
 STRATUS_IMAGE_DIR = env_str("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")
 # A shut-down holds a worker slot while the guest powers off: force it off after this.
 VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
+# How long an SSH-access update waits for a guest's agent (a guest just started boots first).
+GUEST_AGENT_TIMEOUT = env_int("GUEST_AGENT_TIMEOUT", 120)
 # Operations one group's members may ask for in a minute (course staff are not counted).
 OPERATIONS_PER_GROUP_PER_MINUTE = env_int("OPERATIONS_PER_GROUP_PER_MINUTE", 20)
 # libvirt domains are named PREFIX<vm id>; the tests use their own prefix so they never

@@ -259,11 +259,14 @@ def test_a_bad_replacement_key_is_explained(client_for, alice, group_a):
     assert b"DSA" in response.content
 
 
-def test_an_approved_group_shows_no_edit_forms_and_refuses_edits(client_for, alice, ines, group_a):
+def test_an_approved_group_offers_only_a_new_key_and_refuses_edits(
+    client_for, alice, ines, group_a
+):
     group_approve(group=group_a, by=ines)
     client = client_for(alice)
     page = client.get(detail(group_a)).content.decode()
-    assert "Approved" in page and reverse("labs:group_key", args=[group_a.pk]) not in page
+    assert "Approved" in page and reverse("labs:group_edit", args=[group_a.pk]) not in page
+    assert reverse("labs:group_key", args=[group_a.pk]) in page  # takes effect at once
     response = client.post(
         reverse("labs:group_edit", args=[group_a.pk]),
         {"project_title": "x", "project_idea": "late change"},

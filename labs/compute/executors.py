@@ -9,8 +9,10 @@ state through ``labs.compute.records``.
 import uuid
 
 from django.conf import settings
+from django.utils import timezone
 
 from labs.choices import DesiredState, NetworkMode, ObservedState
+from labs.compute import ssh_access
 from labs.compute.records import (
     driver_of,
     observed_of,
@@ -45,16 +47,14 @@ def vm_spec(vm: Vm) -> VmSpec:
     )
 
 
-def vm_seed(vm: Vm) -> bytes:
+def vm_seed(vm: Vm, access: ssh_access.Access) -> bytes:
     """The cloud-init seed: the group's key for the login user and every member."""
-    members = vm.group.memberships.select_related("user").order_by("user__username")
-    usernames = [m.user.get_username() for m in members]
     return cloudinit.seed_build(
         instance_id=vm.instance_id,
         hostname=cloudinit.hostname_for(f"{vm.group.name}-{vm.name}"),
-        login_user=vm.image.login_user,
-        extra_users=[u for u in usernames if cloudinit.is_valid_username(u)],
-        ssh_public_key=vm.group.ssh_public_key,
+        login_user=access.accounts[0],
+        extra_users=access.accounts[1:],
+        ssh_public_key=access.key,
     )
 
 
@@ -63,15 +63,19 @@ def _desire(vm: Vm, state: str) -> None:
 
 
 def _running(vm: Vm, driver=None) -> None:
-    """The VM runs now: record its (new) console endpoint and its state."""
+    """The VM runs now: record its (new) console endpoint and its state; SSH access it
+    has not got yet follows (ssh_access)."""
     vm_console_record(vm, driver)
     vm_observe(vm, ObservedState.RUNNING, "")
+    ssh_access.vm_started(vm)
 
 
 def provision(op: Operation) -> None:
     vm = op.vm
     driver = driver_of(vm)
-    driver.provision(vm_spec(vm), seed_iso=vm_seed(vm), progress=operation_progress(op))
+    since, access = timezone.now(), ssh_access.access_wanted(vm)
+    driver.provision(vm_spec(vm), seed_iso=vm_seed(vm, access), progress=operation_progress(op))
+    ssh_access.access_reset(vm, access, since=since)
     _running(vm, driver)
 
 
@@ -138,6 +142,8 @@ def revert(op: Operation) -> None:
         vm_console_record(vm, driver)
     _desire(vm, DesiredState.RUNNING if state == ObservedState.RUNNING else DesiredState.STOPPED)
     vm_observe(vm, state, "")
+    # The disk holds the accounts and keys of the snapshot's time: bring them up to date.
+    ssh_access.vm_access_unknown(vm)
 
 
 def snapshot_delete(op: Operation) -> None:
@@ -151,10 +157,29 @@ def reset(op: Operation) -> None:
     Vm.objects.filter(pk=vm.pk).update(instance_id=vm.instance_id)
     vm_consoles_close(vm, "the VM is being reset to its baseline")
     driver = driver_of(vm)
-    driver.reset(vm_spec(vm), seed_iso=vm_seed(vm))
+    since, access = timezone.now(), ssh_access.access_wanted(vm)
+    driver.reset(vm_spec(vm), seed_iso=vm_seed(vm, access))
+    ssh_access.access_reset(vm, access, since=since)
     Snapshot.objects.filter(vm=vm).delete()
     _desire(vm, DesiredState.RUNNING)
     _running(vm, driver)
+
+
+def ssh_sync(op: Operation) -> None:
+    """The guest's accounts and keys become the group's members and key, through its
+    agent: members who left are disabled, new members get an account, a replaced key is
+    taken out. Keys a student added to an account themselves stay."""
+    vm = Vm.objects.select_related("group", "image", "host").get(pk=op.vm_id)
+    since, access = timezone.now(), ssh_access.access_wanted(vm)
+    driver_of(vm).guest_ssh_set(
+        vm.domain_name,
+        accounts=access.accounts,
+        key=access.key,
+        retired_keys=[k for k in vm.ssh_keys if k != access.key],
+        revoked=[a for a in vm.ssh_accounts if a not in access.accounts],
+        timeout=settings.GUEST_AGENT_TIMEOUT,
+    )
+    ssh_access.access_given(vm, access, since=since)
 
 
 def delete(op: Operation) -> None:

@@ -133,6 +133,12 @@ CATALOGUE: dict[str, Kind] = {
             confirm="Delete this VM with its disk and snapshots? This cannot be undone.",
         ),
         Kind(
+            OperationKind.SSH_SYNC,
+            executors.ssh_sync,
+            accepts=frozenset({S.RUNNING}),
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
             OperationKind.PROVISION,
             executors.provision,
             accepts=frozenset({S.NEW}),

@@ -16,12 +16,12 @@ from django.db.models import F
 from django.utils import timezone
 
 from labs.choices import ObservedState, OperationStatus
-from labs.compute import kinds
+from labs.compute import kinds, ssh_access
 from labs.compute.records import vm_observe
 from labs.drivers.base import HypervisorError, HypervisorUnavailable
 from labs.errors import StratusError, message_of
 from labs.live import events
-from labs.models import Operation
+from labs.models import Operation, Vm
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutc
         _finish(op, OperationStatus.FAILED, "Internal error; the operators have the details.")
         raise
     _finish(op, OperationStatus.SUCCEEDED, progress="done")
+    # A VM that runs again (start, revert, …) gets the SSH access it missed at once.
+    ssh_access.syncs_request(Vm.objects.filter(pk=op.vm_id))
     return RunOutcome("succeeded")
 
 

@@ -201,6 +201,18 @@ class Driver(Protocol):
     def snapshot_delete(self, name: str, snapshot: str) -> None: ...
     def snapshot_names(self, name: str) -> list[str]: ...
 
+    # access inside the running guest (its agent)
+    def guest_ssh_set(
+        self,
+        name: str,
+        *,
+        accounts: list[str],
+        key: str,
+        retired_keys: list[str],
+        revoked: list[str],
+        timeout: float = 120,
+    ) -> None: ...
+
     # what is there
     def state(self, name: str) -> str: ...
     def states(self) -> dict[str, DomainState]: ...

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from labs import access
 from labs.choices import GroupStatus, Role
+from labs.compute import ssh_access
 from labs.compute.requests import group_vms_create
 from labs.consoles import tickets
 from labs.errors import NotAllowed
@@ -265,20 +266,29 @@ def group_update(
 
 
 def group_key_replace(*, group: Group, by: AbstractBaseUser, ssh_public_key: str) -> Group:
-    """Members replace the group's key while it is pending (or rejected: resubmits it)."""
+    """Members replace the group's key. While pending it is part of the signup (a rejected
+    group is resubmitted); once approved it takes effect at once: the group's running VMs
+    get it through their agent, the old key leaves them, stopped VMs follow on start."""
     key = _key_parse(ssh_public_key)
     with transaction.atomic():
-        locked = _lock_editable(group=group, by=by)
+        locked = Group.objects.select_for_update().get(pk=group.pk)
+        if not access.is_member(user=by, group=locked):
+            raise NotAllowed("Only members can change their group.")
         _check_name_and_key_free(course=locked.course, name="", key=key, exclude=locked)
+        changed = key.line.strip() != locked.ssh_public_key.strip()
         for field, value in _key_fields(key).items():
             setattr(locked, field, value)
         _resubmit_if_rejected(locked)
+        if changed:
+            locked.ssh_key_changed_at = timezone.now()
         try:
             with transaction.atomic():
                 locked.save()
         except IntegrityError:
             _check_name_and_key_free(course=locked.course, name="", key=key, exclude=locked)
             raise
+        if changed:
+            ssh_access.groups_changed(group_ids=[locked.pk])
         events.group_changed(group=locked)
     return locked
 
@@ -336,7 +346,8 @@ def membership_group_set(
 ) -> Membership:
     """Course staff move a student into a group, or out of one (``group=None``).
 
-    A student taken out of a group loses its consoles at once.
+    A student taken out of a group loses its consoles at once, and their account on its
+    VMs (``revocation``, on the membership's save).
     """
     if not access.is_course_staff(user=by, course=membership.course):
         raise NotAllowed("Only the course's instructors and TAs change group members.")

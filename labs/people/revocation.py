@@ -12,6 +12,10 @@ whenever a user's access may have ended:
 |   or is reset                                   |                                      |
 | a user signs out                                | ``user_logged_out``                  |
 
+Where a group's members change (a membership deleted, moved, its role changed; a user
+deactivated or reactivated), the accounts on that group's VMs follow too
+(``compute.ssh_access.groups_changed``: the guest agent disables the member's account).
+
 It does not decide who loses what: it asks every socket of the user to decide again.
 After commit (so they read the new rows):
 
@@ -35,6 +39,7 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import Signal, receiver
 
+from labs.compute import ssh_access
 from labs.consoles import tickets
 from labs.consoles.sessions import session_hash
 from labs.live import events
@@ -63,32 +68,57 @@ def access_ended(*, user_id: int, reason: str, session_key: str | None = None) -
 # --- the signals -------------------------------------------------------------------------
 
 
+def _guests_follow(*, user_ids=(), group_ids=(), left: bool) -> None:
+    """The accounts on the VMs of the users' groups (and of ``group_ids``) follow."""
+    groups = set(group_ids) | set(
+        Membership.objects.filter(user_id__in=user_ids, group__isnull=False).values_list(
+            "group_id", flat=True
+        )
+    )
+    if groups:
+        ssh_access.groups_changed(group_ids=groups, left=left)
+
+
 @receiver(post_delete, sender=Membership, dispatch_uid="revocation.membership_deleted")
 def _membership_deleted(sender, instance: Membership, **kwargs) -> None:
     access_ended(user_id=instance.user_id, reason="your course membership was removed")
+    if instance.group_id:
+        _guests_follow(group_ids=[instance.group_id], left=True)
 
 
 @receiver(pre_save, sender=Membership, dispatch_uid="revocation.membership_before_save")
 def _membership_before_save(sender, instance: Membership, **kwargs) -> None:
     if instance.pk is not None:
         instance._revocation_before = (
-            Membership.objects.filter(pk=instance.pk).values_list("role", "course_id").first()
+            Membership.objects.filter(pk=instance.pk)
+            .values_list("role", "course_id", "group_id")
+            .first()
         )
 
 
 @receiver(post_save, sender=Membership, dispatch_uid="revocation.membership_saved")
 def _membership_saved(sender, instance: Membership, created: bool, **kwargs) -> None:
-    """A role (or course) changed, e.g. in the admin. (Group moves go through
-    ``groups.membership_group_set``, which revokes that group's consoles itself.)"""
+    """A role, course or group changed, e.g. in the admin. (Group moves go through
+    ``groups.membership_group_set``, which revokes that group's consoles itself; the
+    accounts on the VMs of both groups follow from here.)"""
     before = instance.__dict__.pop("_revocation_before", None)
-    if not created and before is not None and before != (instance.role, instance.course_id):
+    if created or before is None:
+        return
+    role, course_id, group_id = before
+    if (role, course_id) != (instance.role, instance.course_id):
         access_ended(user_id=instance.user_id, reason="your role in the course changed")
+        _guests_follow(group_ids=[group_id, instance.group_id], left=True)
+    elif group_id != instance.group_id:
+        if group_id:
+            _guests_follow(group_ids=[group_id], left=True)
+        _guests_follow(group_ids=[instance.group_id], left=False)
 
 
 @receiver(roles_changed, dispatch_uid="revocation.roles_changed")
 def _roles_changed(sender, user_ids, **kwargs) -> None:
     for user_id in user_ids:
         access_ended(user_id=user_id, reason="your role in the course changed")
+    _guests_follow(user_ids=user_ids, left=True)
 
 
 @receiver(user_logged_out, dispatch_uid="revocation.logged_out")
@@ -124,6 +154,8 @@ def _user_saved(sender, instance, created: bool, **kwargs) -> None:
     if sender is not get_user_model() or created or before is None:
         return
     password, was_active = before
+    if was_active != instance.is_active:
+        _guests_follow(user_ids=[instance.pk], left=not instance.is_active)
     if was_active and not instance.is_active:
         access_ended(user_id=instance.pk, reason="your account was deactivated")
     elif password != instance.password:

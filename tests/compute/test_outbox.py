@@ -40,16 +40,6 @@ def broker_down():
     _reset_pools(app)
 
 
-@pytest.fixture
-def sent(monkeypatch, django_capture_on_commit_callbacks):
-    """Deliveries that reach the broker, recorded instead of sent; deliveries after
-    commit happen at once, as in autocommit."""
-    ids = []
-    monkeypatch.setattr(dispatch, "task_send", lambda op_id: ids.append(op_id) or "t-1")
-    monkeypatch.setattr(dispatch.transaction, "on_commit", lambda fn, **kw: fn())
-    return ids
-
-
 @pytest.mark.django_db(transaction=True)  # the delivery runs at commit, as in production
 def test_a_request_while_the_broker_is_down_answers_and_waits_queued(
     client_for, alice, group_a, make_vm, broker_down

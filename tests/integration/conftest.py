@@ -240,7 +240,9 @@ def wait_operation(op: Operation, *, timeout: float = 120) -> Operation:
     return op
 
 
-def ssh(key: Path, port: int, command: str, *, timeout: float = 20) -> subprocess.CompletedProcess:
+def ssh(
+    key: Path, port: int, command: str, *, timeout: float = 20, user: str = "student"
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             "ssh",
@@ -258,7 +260,7 @@ def ssh(key: Path, port: int, command: str, *, timeout: float = 20) -> subproces
             "ConnectTimeout=5",
             "-o",
             "LogLevel=ERROR",
-            "student@127.0.0.1",
+            f"{user}@127.0.0.1",
             command,
         ],
         capture_output=True,

@@ -26,7 +26,7 @@ from labs.drivers.base import (
     VmSpec,
     validate_snapshot_name,
 )
-from labs.drivers.libvirt import connection
+from labs.drivers.libvirt import agent, connection
 from labs.drivers.libvirt.errors import classify, error_code
 from labs.drivers.libvirt.storage import GiB, StorageMixin
 from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml
@@ -451,6 +451,43 @@ class LibvirtDriver(StorageMixin):
             if error_code(error) == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
                 return None
             raise
+
+    # -- access inside the guest (the guest agent) --
+
+    def guest_ssh_set(
+        self,
+        name: str,
+        *,
+        accounts: list[str],
+        key: str,
+        retired_keys: list[str],
+        revoked: list[str],
+        timeout: float = 120,
+    ) -> None:
+        """Through the guest agent of the running VM: every one of ``accounts`` exists,
+        may log in and holds ``key`` (and none of ``retired_keys``; keys a student added
+        stay); every one of ``revoked`` is disabled (expired, keys removed, its processes
+        ended). Waits up to ``timeout`` for an agent that is not up yet (a guest booting).
+        """
+        dom = self._domain(name)
+        with self._errors(f"updating the SSH access of VM {name}"):
+            if not dom.isActive():
+                raise HypervisorError(f"VM {name} is not running on host {self.host}")
+            started = time.monotonic()
+            agent.wait_ready(dom, timeout=timeout, what=f"VM {name}")
+            for user in revoked:
+                agent.account_disable(dom, user)
+            for user in accounts:
+                agent.account_enable(dom, user)
+                agent.keys_set(dom, user, keys=[key], remove=retired_keys)
+        log.info(
+            "SSH access of %s on %s: %d accounts, %d revoked, in %.2f s",
+            name,
+            self.host,
+            len(accounts),
+            len(revoked),
+            time.monotonic() - started,
+        )
 
     # -- console --
 
