@@ -173,6 +173,12 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # provision or reset a few minutes), so Redis never hands a running task to a second
 # worker. A worker killed mid-task has its operations re-queued when it starts again
 # (labs.tasks.recover_orphans), without waiting for this timeout.
+# A broker connection lost mid-task does not cancel the task (Celery 6 will default to
+# cancelling): the operation needs only the database and the host to end, and ends its row
+# itself; a cancelled one would stay `running` under a worker that is still alive, which
+# recover_orphans does not touch. The unacked message comes back after the reconnect and
+# claims nothing (tests/integration/test_chaos.py kills Redis under a running operation).
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600)
 }

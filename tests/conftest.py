@@ -22,6 +22,20 @@ from labs.models import Course, Group, Host, Image, Membership, Vm
 from labs.people.groups import group_register
 
 
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the suite on SQLite, then on PostgreSQL: tests marked
+    ``sqlite_pass_only`` (slow ones whose subject is not the database, such as killing
+    Redis or a worker under a real guest) run in the first pass only."""
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        return
+    skip = pytest.mark.skip(reason="does not depend on the database: run in the SQLite pass")
+    for item in items:
+        if item.get_closest_marker("sqlite_pass_only"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_the_async_tests_connection(django_db_setup):
     """Async tests reach the ORM through asgiref's one sync thread, whose connection would

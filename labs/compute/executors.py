@@ -87,12 +87,15 @@ def start(op: Operation) -> None:
 
 
 def stop(op: Operation) -> None:
+    report = operation_progress(op)
     vm_consoles_close(op.vm, "the VM is shutting down")
-    clean = driver_of(op.vm).shutdown(op.vm.domain_name, timeout=settings.VM_SHUTDOWN_TIMEOUT)
+    clean = driver_of(op.vm).shutdown(
+        op.vm.domain_name, timeout=settings.VM_SHUTDOWN_TIMEOUT, progress=report
+    )
     _desire(op.vm, DesiredState.STOPPED)
     vm_observe(op.vm, ObservedState.SHUTOFF, "")
     if not clean:
-        operation_progress(op)("the guest did not shut down in time; it was forced off")
+        report("the guest did not shut down in time; it was forced off")
 
 
 def reboot(op: Operation) -> None:
@@ -125,8 +128,12 @@ def resume(op: Operation) -> None:
 
 
 def snapshot(op: Operation) -> None:
+    """Re-run after a crash, the host's snapshot of that name is kept and only recorded."""
     name, with_memory = op.params["name"], bool(op.params.get("with_memory"))
+    report = operation_progress(op)
+    report("taking the snapshot")
     driver_of(op.vm).snapshot_create(op.vm.domain_name, name, with_memory=with_memory)
+    report("recording the snapshot")
     Snapshot.objects.get_or_create(
         vm=op.vm, name=name, defaults={"with_memory": with_memory, "created_by": op.requested_by}
     )
@@ -135,8 +142,11 @@ def snapshot(op: Operation) -> None:
 def revert(op: Operation) -> None:
     vm = op.vm
     driver = driver_of(vm)
+    report = operation_progress(op)
     vm_consoles_close(vm, "the VM is being reverted to a snapshot")
+    report("reverting to the snapshot")
     driver.snapshot_revert(vm.domain_name, op.params["name"])
+    report("reading the VM's state")
     state = observed_of(driver.state(vm.domain_name))
     if state == ObservedState.RUNNING:
         vm_console_record(vm, driver)
@@ -158,7 +168,7 @@ def reset(op: Operation) -> None:
     vm_consoles_close(vm, "the VM is being reset to its baseline")
     driver = driver_of(vm)
     since, access = timezone.now(), ssh_access.access_wanted(vm)
-    driver.reset(vm_spec(vm), seed_iso=vm_seed(vm, access))
+    driver.reset(vm_spec(vm), seed_iso=vm_seed(vm, access), progress=operation_progress(op))
     ssh_access.access_reset(vm, access, since=since)
     Snapshot.objects.filter(vm=vm).delete()
     _desire(vm, DesiredState.RUNNING)

@@ -28,8 +28,9 @@ RUN = secrets.token_hex(3)
 PREFIX = f"stratus-test{RUN}-vm-"
 HOST_NAME = f"it{RUN}"
 # SSH forwards of this run's guests: below Linux's ephemeral range (32768-60999), and
-# movable (STRATUS_IT_SSH_PORTS=24400) so that two runs on one machine do not collide.
-SSH_PORT_MIN = int(os.environ.get("STRATUS_IT_SSH_PORTS", "24200"))
+# movable (STRATUS_IT_SSH_PORTS=24400, or 24400-24499: the run takes 100 from the first)
+# so that two runs on one machine do not collide.
+SSH_PORT_MIN = int(os.environ.get("STRATUS_IT_SSH_PORTS", "24200").split("-")[0])
 IMAGE_PATH = (
     Path(os.environ.get("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")) / "debian-12.qcow2"
 )

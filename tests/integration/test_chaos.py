@@ -5,7 +5,9 @@ them while a real guest is provisioned and operated.
 (a) the broker is down when the request is made: the request answers, the operation
     waits queued, and the outbox's sweeper delivers it once the broker is back;
 (b) the broker restarts (without persistence) with an operation's message in it: the
-    message is lost, the sweeper sends it again, the operation runs once.
+    message is lost, the sweeper sends it again, the operation runs once;
+(c) Redis (broker and channel layer of the worker) is killed while an operation runs:
+    the operation still ends, and the worker takes new work once Redis is back.
 Afterwards the VM's row and libvirt agree, and there is one domain for the VM.
 """
 
@@ -22,6 +24,7 @@ from django.db import connection
 from labs.choices import ObservedState, OperationKind, OperationStatus
 from labs.compute import dispatch
 from labs.compute.requests import vm_operation_request
+from labs.models import Operation
 
 from .conftest import PREFIX, Worker, _db_env, approve_new_group, wait_for, wait_operation
 
@@ -81,12 +84,24 @@ def broker():
 
 
 @pytest.fixture
-def broker_worker(broker, transactional_db):
-    env = {**_db_env(), "CELERY_BROKER_URL": broker.url}
+def idle_broker_worker(broker, transactional_db):
+    """A worker whose every Redis (broker, channel layer, tickets) is the private one;
+    not started yet."""
+    env = {
+        **_db_env(),
+        "CELERY_BROKER_URL": broker.url,
+        "REDIS_URL": broker.url,
+        "CHANNEL_LAYER_URL": broker.url,
+    }
     worker = Worker(connection.settings_dict["NAME"], env)
-    worker.start()
     yield worker
     worker.stop()
+
+
+@pytest.fixture
+def broker_worker(idle_broker_worker):
+    idle_broker_worker.start()
+    return idle_broker_worker
 
 
 def virsh(*args: str) -> subprocess.CompletedProcess:
@@ -147,4 +162,51 @@ def test_a_broker_down_or_restarted_delays_operations_and_loses_none(
     assert virsh("domstate", vm.domain_name).stdout.strip() == "shut off"
     names = [n for n in virsh("list", "--all", "--name").stdout.split() if n.startswith(PREFIX)]
     assert names == [vm.domain_name]
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice))
+
+
+# The provision pauses here (the domain is defined, not started) while Redis is killed.
+PAUSE_AT = "provision:starting VM"
+
+
+@pytest.mark.sqlite_pass_only
+def test_redis_killed_while_an_operation_runs_ends_it_and_the_worker_carries_on(
+    course, alice, ines, qemu_host, debian_template, broker, idle_broker_worker, group_keypair
+):
+    _, public = group_keypair
+    idle_broker_worker.start(STRATUS_FAILPOINTS=f"{PAUSE_AT}:6")
+    vm, provision = approve_new_group(course, by=alice, reviewer=ines, name="R", public_key=public)
+
+    def paused_midway():
+        provision.refresh_from_db()
+        return provision.progress == PAUSE_AT.split(":", 1)[1]
+
+    wait_for(paused_midway, timeout=60, what="the provision to reach its pause")
+    assert provision.status == OperationStatus.RUNNING
+    broker.stop()  # SIGKILL: the worker's broker connection, its unacked message and its
+    # channel layer go with it; the provision goes on from its pause without them.
+
+    def ended():
+        provision.refresh_from_db()
+        return provision.status not in (OperationStatus.QUEUED, OperationStatus.RUNNING)
+
+    wait_for(ended, timeout=60, what=f"{provision} to end with Redis down")
+    assert provision.status == OperationStatus.SUCCEEDED, provision.error
+    assert provision.attempts == 1
+    vm.refresh_from_db()
+    assert vm.observed_state == ObservedState.RUNNING
+    assert virsh("domstate", vm.domain_name).stdout.strip() == "running"
+
+    # Redis comes back empty; the worker reconnects by itself and takes the next operation.
+    broker.start()
+    stop = vm_operation_request(vm=vm, kind=OperationKind.FORCE_OFF, by=alice)
+    sweep_until_claimed(stop, timeout=90)  # in case the first send met a stale connection
+    wait_operation(stop, timeout=60)
+    assert stop.attempts == 1
+    vm.refresh_from_db()
+    assert vm.observed_state == ObservedState.SHUTOFF
+    assert virsh("domstate", vm.domain_name).stdout.strip() == "shut off"
+    names = [n for n in virsh("list", "--all", "--name").stdout.split() if n.startswith(PREFIX)]
+    assert names == [vm.domain_name]
+    assert not Operation.objects.filter(status=OperationStatus.RUNNING).exists()
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice))

@@ -299,12 +299,15 @@ class LibvirtDriver(StorageMixin):
                         raise
                 log.info("forced %s off on %s", dom.name(), self.host)
 
-    def shutdown(self, name: str, *, timeout: float = 60) -> bool:
+    def shutdown(
+        self, name: str, *, timeout: float = 60, progress: Progress | None = None
+    ) -> bool:
         """Ask the guest to power off; force it off after ``timeout`` seconds.
 
         Returns whether the guest shut down by itself (an already stopped VM: True).
         libvirt uses the guest agent when it answers, else the ACPI power button.
         """
+        report = progress or (lambda _message: None)
         dom = self._domain(name)
         deadline = time.monotonic() + timeout
         with self._errors(f"shutting down VM {name}"):
@@ -323,6 +326,8 @@ class LibvirtDriver(StorageMixin):
                     except libvirt.libvirtError:
                         if dom.isActive():
                             raise
+                    if not next_press:
+                        report("waiting for the guest to power off")
                     next_press = time.monotonic() + SHUTDOWN_RESEND_SECONDS
                 time.sleep(SHUTDOWN_POLL_SECONDS)
             if not dom.isActive():
