@@ -38,7 +38,16 @@ def _last_sync(vm: Vm, after: int) -> Operation:
 
 
 def _logs_in(key, port, user) -> bool:
-    return ssh(key, port, "true", user=user).returncode == 0
+    """True when ``user`` logs in with ``key``, False when sshd refuses it; a connection
+    that failed otherwise (a guest slow to answer under TCG) is tried again, so that
+    neither answer can come from a timeout."""
+    for _ in range(4):
+        result = ssh(key, port, "true", user=user, timeout=60)
+        if result.returncode == 0:
+            return True
+        if "Permission denied" in result.stderr:
+            return False
+    raise AssertionError(f"ssh as {user} neither logged in nor was refused: {result.stderr}")
 
 
 def test_ssh_access_follows_members_and_key_without_a_reset(

@@ -8,7 +8,7 @@ After each the restarted worker re-runs it to the end, and the VM's row and libv
 import pytest
 from django.db import connection
 
-from labs.choices import ObservedState, OperationKind, OperationStatus
+from labs.choices import ACTIVE_OPERATION_STATUSES, ObservedState, OperationKind, OperationStatus
 from labs.compute.requests import vm_operation_request
 from labs.models import Operation
 
@@ -86,7 +86,14 @@ def failpoint_for(index: int) -> str:
 
 def assert_row_and_host_agree(vm, storage_dir) -> None:
     """One domain, one overlay and one seed for the VM, nothing else in the storage
-    directory, the same state and snapshots on both sides, no operation left running."""
+    directory, the same state and snapshots on both sides, no operation left running.
+    (A revert is followed by an SSH-access update: the disk went back in time; it is
+    waited for, and has to end too.)"""
+    wait_for(
+        lambda: not Operation.objects.filter(status__in=ACTIVE_OPERATION_STATUSES).exists(),
+        timeout=180,
+        what="the operations that follow to end",
+    )
     vm.refresh_from_db()
     assert virsh("list", "--all", "--uuid").stdout.split().count(str(vm.uuid)) == 1
     names = [n for n in virsh("list", "--all", "--name").stdout.split() if n.startswith(PREFIX)]
