@@ -8,8 +8,9 @@ broker, a real worker process serves this run's host queue on the machine's libv
 Simulated users ask every few seconds for a snapshot, reboot, shut-down, start, suspend,
 resume or reset of a random VM (what its state accepts); at random the bench SIGKILLs the
 worker (restarted 2 s later), kills Redis without persistence (restarted 3 s later) and,
-with --libvirtd, restarts libvirtd (it is the machine's own: only on a machine of your
-own). This process plays beat: the outbox's sweeper every 2 s, reconcile every 30 s.
+with --libvirtd, restarts libvirtd (scripts/restart-libvirtd.sh: the machine's own,
+so only on a machine of your own). This process plays beat: the outbox's sweeper every
+2 s, reconcile every 30 s.
 
 Then it stops the faults, waits (bounded) for every operation to end and prints:
 operations requested / succeeded / failed with a message / stuck (the goal: zero), the
@@ -208,7 +209,7 @@ def chaos(args, *, host: str, storage: Path, redis: Proc, worker: Proc, prefix: 
                 time.sleep(3)
                 redis.start()
             else:
-                subprocess.run(["systemctl", "restart", "libvirtd"], check=False)
+                subprocess.run([str(ROOT / "scripts" / "restart-libvirtd.sh")], check=False)
             next_fault = now + random.uniform(20, 40)
         time.sleep(0.2)
 
