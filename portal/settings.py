@@ -46,6 +46,8 @@ MIDDLEWARE = [
     # First, so its one line per request times and sees everything (portal/logging.py).
     "portal.logging.RequestLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # A view that cannot reach the database answers 503 with a page that says so.
+    "portal.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -101,10 +103,20 @@ if DATABASE_URL:
         # Under ASGI every request runs its sync code in a thread of its own, so persistent
         # connections pile up one per thread until PostgreSQL refuses ("too many clients
         # already" under bench/pages.py). One pool per process instead (psycopg_pool).
-        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        # A restarted PostgreSQL leaves the pool holding dead connections: ``check`` tests
+        # each one as it is handed out (an empty query) and replaces a dead one, so the
+        # first requests after the restart are served, not failed. While the database is
+        # away a request waits at most DATABASE_POOL_TIMEOUT for a connection, then gets
+        # the 503 of portal.middleware (tests/integration/test_postgres_restart.py).
+        from psycopg_pool import ConnectionPool
+
+        options = DATABASES["default"].setdefault("OPTIONS", {})
+        options.setdefault("connect_timeout", 5)  # a host that does not answer at all
+        options["pool"] = {
             "min_size": 1,
             "max_size": env_int("DATABASE_POOL_SIZE", 10),
-            "timeout": 30,
+            "timeout": env_int("DATABASE_POOL_TIMEOUT", 10),
+            "check": ConnectionPool.check_connection,
         }
 else:
     DATABASES = {
