@@ -50,6 +50,7 @@ def _logs_in(key, port, user) -> bool:
     raise AssertionError(f"ssh as {user} neither logged in nor was refused: {result.stderr}")
 
 
+@pytest.mark.sqlite_pass_only
 def test_ssh_access_follows_members_and_key_without_a_reset(
     course, alice, bob, carol, ines, qemu_host, debian_template, worker, group_keypair, tmp_path
 ):
