@@ -1,3 +1,4 @@
+import ipaddress
 import urllib.parse
 import uuid
 
@@ -193,7 +194,17 @@ class Membership(models.Model):
 # ?command=, and ssh's ?command=/?netcat=/?socket= choose what runs at either end. The
 # worker holds the hypervisors' SSH key, so a URI is held to these, whoever enters it.
 _LIBVIRT_SYSTEM = "/system"
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _is_loopback_name(name: str | None) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name or "").is_loopback
+    except ValueError:
+        return False
+
+
 # Parameters each transport may carry, with the values they may take (None: any value).
 _LIBVIRT_PARAMS: dict[str, dict[str, set[str] | None]] = {
     "qemu": {},
@@ -251,10 +262,11 @@ def validate_libvirt_uri(value: str) -> None:
             )
     elif not parts.hostname:
         raise ValidationError(f"{scheme}:// needs the host's name.", code="uri_server")
-    if scheme == "qemu+tcp" and parts.hostname not in _LOOPBACK:
+    if scheme == "qemu+tcp" and not _is_loopback_name(parts.hostname):
         raise ValidationError(
             "qemu+tcp:// is neither authenticated nor encrypted: only a loopback test daemon "
-            "(127.0.0.1) may use it; use qemu+ssh:// or qemu+tls:// for another host.",
+            "(127.0.0.0/8, such as scripts/second-libvirtd.sh's 127.0.0.2) may use it; use "
+            "qemu+ssh:// or qemu+tls:// for another host.",
             code="uri_tcp",
         )
     if scheme == "test":

@@ -103,6 +103,7 @@ SUPPORTED_URIS = [
     "qemu+tls://hv3.example.edu/system",
     "qemu+tls://hv3.example.edu/system?pkipath=/etc/stratus/pki",
     "qemu+tcp://127.0.0.1:16509/system",
+    "qemu+tcp://127.0.0.2:16510/system",  # scripts/second-libvirtd.sh
     "test:///default",
     "test:///tmp/stratus-test/node.xml",
 ]
@@ -121,6 +122,7 @@ REFUSED_URIS = [
     ("qemu+libssh2://hv2.example.edu/system", "does not drive hosts over 'qemu+libssh2'"),
     ("xen:///system", "does not drive hosts over 'xen'"),
     ("qemu+tcp://hv2.example.edu/system", "only a loopback test daemon"),
+    ("qemu+tcp://10.0.0.2/system", "only a loopback test daemon"),
     ("qemu+ssh://stratus:hunter2@hv2.example.edu/system", "carries a password"),
     ("qemu+ssh:///system", "needs the host's name"),
     ("qemu://hv2.example.edu/system", "names no server here"),

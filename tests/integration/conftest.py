@@ -108,11 +108,12 @@ def _pool_of(path: Path) -> str:
 class Worker:
     """A real `celery worker` process on this run's host queue."""
 
-    def __init__(self, db_name: str, extra_env: dict[str, str]):
+    def __init__(self, db_name: str, extra_env: dict[str, str], host_name: str = ""):
         self.db_name = db_name
         self.extra_env = extra_env
+        self.host_name = host_name or HOST_NAME
         self.proc: subprocess.Popen | None = None
-        self.log = ROOT / "test-artifacts" / f"worker-{RUN}.log"
+        self.log = ROOT / "test-artifacts" / f"worker-{self.host_name}.log"
 
     def start(self, **env: str) -> None:
         self.log.parent.mkdir(exist_ok=True)
@@ -141,9 +142,9 @@ class Worker:
                 "-c",
                 "1",
                 "-Q",
-                f"host.{HOST_NAME}",
+                f"host.{self.host_name}",
                 "-n",
-                f"{HOST_NAME}@localhost",
+                f"{self.host_name}@localhost",
                 "--without-gossip",
                 "--without-mingle",
                 "--loglevel",
@@ -209,6 +210,72 @@ def qemu_host(transactional_db, storage_dir) -> Host:
         ssh_port_max=SSH_PORT_MIN + 99,
         storage_dir=str(storage_dir),
     )
+
+
+SECOND_HOST_NAME = f"hv2{RUN}"
+
+
+def virsh_on(uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def second_libvirtd():
+    """A second hypervisor on this machine (scripts/second-libvirtd.sh: its own libvirtd
+    in a private mount namespace on 127.0.0.2:16510), for this run; its URI."""
+    state = Path(f"/var/lib/stratus/test-{RUN}-hv2-state")
+    script = str(ROOT / "scripts" / "second-libvirtd.sh")
+    started = subprocess.run(
+        [script, "start", str(state)], capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0, started.stderr
+    yield started.stdout.strip().splitlines()[-1]
+    subprocess.run([script, "stop", str(state)], capture_output=True, timeout=60)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def second_storage_dir():
+    path = Path(f"/var/lib/stratus/test-{RUN}-hv2")
+    path.mkdir(parents=True, mode=0o755, exist_ok=True)
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def second_host(transactional_db, second_libvirtd, second_storage_dir) -> Host:
+    """The second hypervisor as a Host, with SSH ports of its own (both hosts forward on
+    this machine's loopback). Its domains of this run are gone after the test."""
+    host = Host.objects.create(
+        name=SECOND_HOST_NAME,
+        uri=second_libvirtd,
+        vcpus=2,
+        memory_mib=8192,
+        disk_gib=100,
+        virt_type="qemu",
+        network_mode="user",
+        ssh_port_min=SSH_PORT_MIN + 100,
+        ssh_port_max=SSH_PORT_MIN + 199,
+        storage_dir=str(second_storage_dir),
+    )
+    yield host
+    for name in virsh_on(second_libvirtd, "list", "--all", "--name").stdout.split():
+        if name.startswith(PREFIX):
+            virsh_on(second_libvirtd, "destroy", name)
+            virsh_on(second_libvirtd, "undefine", name, "--snapshots-metadata", "--managed-save")
+    for line in virsh_on(second_libvirtd, "pool-list", "--all", "--name").stdout.split():
+        virsh_on(second_libvirtd, "pool-destroy", line)
+        virsh_on(second_libvirtd, "pool-undefine", line)
+
+
+@pytest.fixture
+def second_worker(transactional_db, second_host):
+    """A real worker for the second host's queue (as each host runs its own)."""
+    w = Worker(connection.settings_dict["NAME"], _db_env(), host_name=second_host.name)
+    w.start()
+    yield w
+    w.stop()
 
 
 @pytest.fixture

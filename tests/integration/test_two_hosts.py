@@ -1,0 +1,147 @@
+"""Two hypervisors: a VM placed on the second host runs there, driven by that host's own
+worker over the host's libvirt URI (qemu+tcp on 127.0.0.2 here: a second libvirtd in a
+mount namespace of its own, scripts/second-libvirtd.sh), and leaves nothing there when
+it is deleted; a stopped VM moved there (a cold move) comes with its disk and every
+snapshot, and reverts there.
+"""
+
+import pytest
+
+from labs.choices import ObservedState, OperationKind
+from labs.compute.moves import vm_move_request
+from labs.compute.requests import vm_operation_request
+from labs.drivers.cloudinit import hostname_for
+from labs.errors import NotAllowed
+from labs.models import Host
+
+from .conftest import PREFIX, approve_new_group, ssh, virsh_on, wait_for_ssh, wait_operation
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def _domains(uri: str) -> list[str]:
+    names = virsh_on(uri, "list", "--all", "--name").stdout.split()
+    return [n for n in names if n.startswith(PREFIX)]
+
+
+@pytest.mark.sqlite_pass_only
+def test_a_vm_placed_on_the_second_host_runs_there_and_leaves_nothing(
+    course,
+    alice,
+    ines,
+    qemu_host,
+    second_host,
+    debian_template,
+    worker,
+    second_worker,
+    group_keypair,
+    second_storage_dir,
+):
+    key, public = group_keypair
+    qemu_host.enabled = False  # the first host takes no new VMs: the second gets it
+    qemu_host.save(update_fields=["enabled"])
+
+    vm, provision = approve_new_group(
+        course, by=alice, reviewer=ines, name="Far", public_key=public
+    )
+    wait_operation(provision, timeout=240)
+    vm.refresh_from_db()
+    assert vm.host == second_host and provision.worker.startswith(second_host.name)
+    assert second_host.ssh_port_min <= vm.ssh_port <= second_host.ssh_port_max
+    assert _domains(second_host.uri) == [vm.domain_name]
+    assert vm.domain_name not in _domains(qemu_host.uri)
+    files = sorted(p.name for p in second_storage_dir.iterdir())
+    assert files == [f"{vm.domain_name}-seed.iso", f"{vm.domain_name}.qcow2"]
+
+    # The guest booted there, with the group's key, behind the second host's forward.
+    wait_for_ssh(key, vm.ssh_port, timeout=240)
+    assert ssh(key, vm.ssh_port, "hostname").stdout.strip() == hostname_for(f"Far-{vm.name}")
+
+    snapshot = vm_operation_request(
+        vm=vm, kind=OperationKind.SNAPSHOT, by=alice, params={"name": "far-away"}
+    )
+    wait_operation(snapshot, timeout=120)
+    listed = virsh_on(second_host.uri, "snapshot-list", vm.domain_name, "--name").stdout.split()
+    assert listed == ["far-away"]
+    stop = wait_operation(
+        vm_operation_request(vm=vm, kind=OperationKind.STOP, by=alice), timeout=120
+    )
+    assert stop.worker.startswith(second_host.name)
+    vm.refresh_from_db()
+    assert vm.observed_state == ObservedState.SHUTOFF
+    assert virsh_on(second_host.uri, "domstate", vm.domain_name).stdout.strip() == "shut off"
+
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
+    assert _domains(second_host.uri) == []
+    assert list(second_storage_dir.iterdir()) == []
+
+
+@pytest.mark.sqlite_pass_only
+def test_a_stopped_vm_moves_to_the_other_host_with_its_snapshots_and_reverts_there(
+    course,
+    alice,
+    ines,
+    qemu_host,
+    second_host,
+    debian_template,
+    worker,
+    second_worker,
+    group_keypair,
+    storage_dir,
+    second_storage_dir,
+):
+    key, public = group_keypair
+    Host.objects.filter(pk=second_host.pk).update(enabled=False)  # placed on the first host
+    vm, provision = approve_new_group(
+        course, by=alice, reviewer=ines, name="Mover", public_key=public
+    )
+    wait_operation(provision, timeout=240)
+    Host.objects.filter(pk=second_host.pk).update(enabled=True)
+    vm.refresh_from_db()
+    assert vm.host == qemu_host
+    old_port = vm.ssh_port
+    wait_for_ssh(key, old_port, timeout=240)
+    for mark in ("one", "two"):
+        assert ssh(key, old_port, f"echo {mark} > mark && sync").returncode == 0
+        wait_operation(
+            vm_operation_request(
+                vm=vm, kind=OperationKind.SNAPSHOT, by=alice, params={"name": mark}
+            )
+        )
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.STOP, by=alice), timeout=120)
+
+    # A student may not move it; the course's instructor may.
+    with pytest.raises(NotAllowed):
+        vm_move_request(vm=vm, to=second_host, by=alice)
+    move = wait_operation(vm_move_request(vm=vm, to=second_host, by=ines), timeout=300)
+    vm.refresh_from_db()
+    assert vm.host == second_host and vm.observed_state == ObservedState.SHUTOFF
+    assert second_host.ssh_port_min <= vm.ssh_port <= second_host.ssh_port_max
+    assert vm.status_message == f"Moved from {qemu_host.name} to {second_host.name}."
+    assert _domains(second_host.uri) == [vm.domain_name]
+    assert _domains(qemu_host.uri) == []
+    assert not list(storage_dir.glob(f"{vm.domain_name}*"))
+    assert sorted(p.name for p in second_storage_dir.iterdir()) == [
+        f"{vm.domain_name}-seed.iso",
+        f"{vm.domain_name}.qcow2",
+    ]
+    listed = virsh_on(second_host.uri, "snapshot-list", vm.domain_name, "--name").stdout.split()
+    assert sorted(listed) == ["one", "two"]
+    assert sorted(vm.snapshots.values_list("name", flat=True)) == ["one", "two"]
+    timings = move.params["timings"]
+
+    # It starts there, behind the new host's forward, with the disk it had.
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.START, by=alice), timeout=120)
+    wait_for_ssh(key, vm.ssh_port, timeout=240)
+    assert ssh(key, vm.ssh_port, "cat mark").stdout.strip() == "two"
+    # And each snapshot reverts there (memory and all: the guest runs at once).
+    revert = vm_operation_request(
+        vm=vm, kind=OperationKind.REVERT, by=alice, params={"name": "one"}
+    )
+    wait_operation(revert, timeout=120)
+    wait_for_ssh(key, vm.ssh_port, timeout=60)
+    assert ssh(key, vm.ssh_port, "cat mark").stdout.strip() == "one"
+    print(f"\ncold move: {timings}")
+
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
+    assert _domains(second_host.uri) == []
