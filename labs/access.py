@@ -18,6 +18,7 @@ The rules, in one table (``ROLES``):
 | observe | the course's staff; superusers (view-only consoles)                   |
 | review  | the course's staff; superusers (approve, reject, move members, bulk)  |
 | quota   | the course's instructors (not TAs), up to the caps a superuser sets; superusers |
+| move    | the course's instructors (not TAs); superusers (a VM to another host)  |
 
 "Course staff" has one definition: an *active* user with a TA or instructor membership of
 the course, or an active superuser. (The Django admin additionally requires ``is_staff``
@@ -50,6 +51,7 @@ class Action(StrEnum):
     OBSERVE = "observe"
     REVIEW = "review"
     QUOTA = "quota"  # raise a group's quotas (up to the course's caps)
+    MOVE = "move"  # move a VM to another host (its SSH line changes)
 
 
 # The course roles that grant each action on every group of the course. Students get
@@ -60,6 +62,7 @@ ROLES: dict[Action, tuple[str, ...]] = {
     Action.OBSERVE: STAFF_ROLES,
     Action.REVIEW: STAFF_ROLES,
     Action.QUOTA: (Role.INSTRUCTOR,),
+    Action.MOVE: (Role.INSTRUCTOR,),
 }
 # What a student member of a group may do with it (operate: only once it is approved).
 MEMBER_ACTIONS = frozenset({Action.VIEW, Action.OPERATE})

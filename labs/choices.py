@@ -61,6 +61,7 @@ class OperationKind(models.TextChoices):
     SNAPSHOT_DELETE = "snapshot_delete", "Delete snapshot"
     RESET = "reset", "Reset to baseline"
     SSH_SYNC = "ssh_sync", "Update SSH access"
+    MOVE = "move", "Move to another host"
     DELETE = "delete", "Delete"
 
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 from django.utils import timezone
 
 from labs.choices import ObservedState, OperationKind
-from labs.compute import executors, quotas
+from labs.compute import executors, moves, quotas
 from labs.errors import Busy, Invalid, OverQuota, Refused
 from labs.models import Operation, Vm
 
@@ -136,6 +136,14 @@ CATALOGUE: dict[str, Kind] = {
             OperationKind.SSH_SYNC,
             executors.ssh_sync,
             accepts=frozenset({S.RUNNING}),
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
+            # Asked for through labs.compute.moves (operators, the course's instructors),
+            # never on a group's page.
+            OperationKind.MOVE,
+            moves.move,
+            accepts=frozenset({S.SHUTOFF}),
             audience=Audience.SYSTEM,
         ),
         Kind(

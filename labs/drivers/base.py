@@ -220,5 +220,19 @@ class Driver(Protocol):
     def states(self) -> dict[str, DomainState]: ...
     def console(self, name: str) -> ConsoleEndpoint: ...
 
-    # Room for what the next issues add behind the same seam: migrate (live, cold),
+    # moving between hosts: the stopped VM ``source`` here is made to exist as ``target``
+    # on ``to`` (a driver of the same kind), its disk, seed and snapshots with it, or
+    # nothing is left there; this host's copy stays for the caller to delete once its
+    # rows name the destination. Returns timings (seconds, MiB).
+    def copy_offline(
+        self,
+        to: Driver,
+        *,
+        source: VmSpec,
+        target: VmSpec,
+        seed_iso: bytes,
+        progress: Progress | None = None,
+    ) -> dict[str, float]: ...
+
+    # Room for what the next issues add behind the same seam: live migration,
     # volumes (attach, detach), networks (define, attach a NIC), image capture.

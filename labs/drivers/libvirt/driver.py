@@ -26,7 +26,7 @@ from labs.drivers.base import (
     VmSpec,
     validate_snapshot_name,
 )
-from labs.drivers.libvirt import agent, connection
+from labs.drivers.libvirt import agent, connection, migration
 from labs.drivers.libvirt.errors import classify, error_code
 from labs.drivers.libvirt.storage import GiB, StorageMixin
 from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml
@@ -492,6 +492,22 @@ class LibvirtDriver(StorageMixin):
             len(accounts),
             len(revoked),
             time.monotonic() - started,
+        )
+
+    # -- moving between hosts --
+
+    def copy_offline(
+        self,
+        to: LibvirtDriver,
+        *,
+        source: VmSpec,
+        target: VmSpec,
+        seed_iso: bytes,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        """The stopped VM, copied to host ``to`` (labs/drivers/libvirt/migration.py)."""
+        return migration.copy_offline(
+            self, to, source=source, target=target, seed_iso=seed_iso, progress=progress
         )
 
     # -- console --

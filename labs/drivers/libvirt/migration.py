@@ -1,0 +1,212 @@
+"""Copying a stopped VM to another libvirt host, without shared storage (a cold move).
+
+Everything goes through the two hosts' libvirt APIs, as provisioning does: the overlay
+(with the internal snapshots it holds) is streamed from the source's volume into a new
+volume on the destination, the seed is written there again, the domain is defined there
+from the destination's spec, and each snapshot's metadata is redefined on it, parents
+first, with the SSH forward and the storage paths of the destination. Any failure removes
+what was made on the destination and leaves the source as it was. The source is never
+touched: the caller removes it once its rows say the VM is on the destination
+(labs/compute/executors.py, ``move``), so that a crash at any point leaves one whole VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import suppress
+
+import libvirt
+
+from labs.drivers.base import HypervisorError, Progress, VmSpec
+from labs.drivers.libvirt.storage import StorageMixin
+from labs.drivers.libvirt.xml import build_domain_xml, volume_xml
+
+# Both ends are LibvirtDrivers (the storage half is what is used of them here); named by
+# the mixin so this module does not import the driver that imports it.
+LibvirtDriver = StorageMixin
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+REPORT_EVERY = 5  # percent of the copy between two progress reports
+
+
+def volume_sha256(driver: LibvirtDriver, volume: libvirt.virStorageVol) -> str:
+    """The SHA-256 of a volume's bytes, read through libvirt (a remote host's too)."""
+    digest = hashlib.sha256()
+    with driver._errors(f"reading {volume.path()}"):
+        stream = driver._conn.newStream(0)
+        volume.download(stream, 0, 0, 0)
+        try:
+            while chunk := stream.recv(CHUNK):
+                digest.update(chunk)
+            stream.finish()
+        except BaseException:
+            with suppress(libvirt.libvirtError):
+                stream.abort()
+            raise
+    return digest.hexdigest()
+
+
+def _copy_volume(
+    src: LibvirtDriver,
+    volume: libvirt.virStorageVol,
+    dst: LibvirtDriver,
+    target: libvirt.virStorageVol,
+    report: Progress,
+) -> int:
+    """Stream ``volume``'s bytes (its file, qcow2 header and all) into ``target``."""
+    size = volume.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2]
+    source = src._conn.newStream(0)
+    sink = dst._conn.newStream(0)
+    volume.download(source, 0, size, 0)
+    target.upload(sink, 0, size, 0)
+    copied, reported = 0, -REPORT_EVERY
+    try:
+        while chunk := source.recv(CHUNK):
+            sink.send(chunk)
+            copied += len(chunk)
+            percent = copied * 100 // max(size, 1)
+            if percent >= reported + REPORT_EVERY:
+                report(f"copying the disk: {percent}% of {size / 2**20:.0f} MiB")
+                reported = percent
+        source.finish()
+        sink.finish()
+    except BaseException:
+        for stream in (source, sink):
+            with suppress(libvirt.libvirtError):
+                stream.abort()
+        raise
+    if copied != size:
+        raise HypervisorError(f"copied {copied} of {size} bytes of {volume.path()}")
+    return copied
+
+
+def _snapshots_parents_first(dom: libvirt.virDomain) -> list[libvirt.virDomainSnapshot]:
+    snapshots = {s.getName(): s for s in dom.listAllSnapshots(0)}
+    ordered, placed = [], set()
+
+    def place(snapshot):
+        if snapshot.getName() in placed:
+            return
+        with suppress(libvirt.libvirtError):  # a root has no parent: libvirt raises
+            parent = snapshot.getParent(0)
+            if parent.getName() in snapshots:
+                place(snapshots[parent.getName()])
+        placed.add(snapshot.getName())
+        ordered.append(snapshot)
+
+    for snapshot in snapshots.values():
+        place(snapshot)
+    return ordered
+
+
+def _moved_snapshot_xml(xml: str, source: VmSpec, target: VmSpec) -> str:
+    """A snapshot's metadata as it reads on the destination: its saved domain forwards
+    the destination's SSH port and names the destination's storage directory."""
+    old_forward = f"hostfwd=tcp:127.0.0.1:{source.ssh_port}-:"
+    new_forward = f"hostfwd=tcp:127.0.0.1:{target.ssh_port}-:"
+    xml = xml.replace(old_forward, new_forward)
+    return xml.replace(f"{source.storage_dir.rstrip('/')}/", f"{target.storage_dir.rstrip('/')}/")
+
+
+def copy_offline(
+    src: LibvirtDriver,
+    dst: LibvirtDriver,
+    *,
+    source: VmSpec,
+    target: VmSpec,
+    seed_iso: bytes,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Make the stopped VM ``source`` on ``src`` exist on ``dst`` as ``target`` (the same
+    name and uuid; the destination's storage directory and SSH port). Returns timings."""
+    report = progress or (lambda _message: None)
+    started = time.monotonic()
+    report("checking the VM is stopped")
+    dom = src._own_domain(source)
+    if dom is None:
+        raise HypervisorError(f"VM {source.name} does not exist on host {src.host}")
+    with src._errors(f"reading VM {source.name}"):
+        if dom.isActive():
+            raise HypervisorError(
+                f"VM {source.name} is running on host {src.host}: shut it down first "
+                "(a cold move takes a stopped VM)"
+            )
+        snapshots = [
+            (s.getName(), s.getXMLDesc(0), s.isCurrent(0) == 1)
+            for s in _snapshots_parents_first(dom)
+        ]
+        src_pool = src._pool_for(source.storage_dir, create=False)
+        overlay = src._volume(src_pool, source.overlay_name)
+    if overlay is None:
+        raise HypervisorError(f"the disk of VM {source.name} is missing on host {src.host}")
+
+    report(f"checking the base image on {dst.host}")
+    src_base = src._checked_base(source)
+    dst_base = dst._checked_base(target)
+    if volume_sha256(src, src_base) != volume_sha256(dst, dst_base):
+        raise HypervisorError(
+            f"base image {target.base_image} on host {dst.host} differs from the one on host "
+            f"{src.host}: copy the same image there first (sha256 must match)"
+        )
+    checked = time.monotonic()
+
+    if dst._own_domain(target) is not None:  # an interrupted move's leftovers: start over
+        log.info("removing the leftovers of an earlier move of %s on %s", target.name, dst.host)
+        dst._remove(target)
+    try:
+        pool = dst._pool_for(target.storage_dir, create=True)
+        with dst._errors(f"creating the disk of {target.name}"):
+            stale = dst._volume(pool, target.overlay_name)
+            if stale is not None:
+                stale.delete(0)
+            capacity = overlay.info()[1]
+            copy = pool.createXML(
+                volume_xml(
+                    target.overlay_name, capacity=capacity, fmt="qcow2", backing=dst_base.path()
+                ),
+                0,
+            )
+        with src._errors(f"copying the disk of {source.name}"):
+            copied = _copy_volume(src, overlay, dst, copy, report)
+        copied_at = time.monotonic()
+        report("writing cloud-init seed")
+        seed = dst._write_seed(pool, target, seed_iso)
+        report(f"defining VM on {dst.host}")
+        xml = build_domain_xml(target, overlay_path=copy.path(), seed_path=seed.path())
+        with dst._errors(f"defining VM {target.name}"):
+            moved = dst._conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            for name, snapshot_xml, current in snapshots:
+                report(f"redefining snapshot {name}")
+                flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+                if current:
+                    flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+                moved.snapshotCreateXML(_moved_snapshot_xml(snapshot_xml, source, target), flags)
+            held = sorted(s.getName() for s in moved.listAllSnapshots(0))
+        if held != sorted(name for name, _, _ in snapshots):
+            raise HypervisorError(f"host {dst.host} holds snapshots {held} after the move")
+    except BaseException:
+        log.warning("moving %s to %s failed; removing what was made there", target.name, dst.host)
+        with suppress(Exception):
+            dst._remove(target)
+        raise
+    timings = {
+        "checks_s": checked - started,
+        "copy_s": copied_at - checked,
+        "copied_mib": copied / 2**20,
+        "total_s": time.monotonic() - started,
+    }
+    log.info(
+        "copied %s from %s to %s: %.1f MiB in %.1f s (%.1f s in all), %d snapshots",
+        source.name,
+        src.host,
+        dst.host,
+        timings["copied_mib"],
+        timings["copy_s"],
+        timings["total_s"],
+        len(snapshots),
+    )
+    return timings

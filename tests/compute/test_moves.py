@@ -1,0 +1,74 @@
+"""Asking for a cold move: who may, and what is refused with which reason (the move itself,
+on two real hosts, is tests/integration/test_two_hosts.py)."""
+
+import pytest
+
+from labs.choices import ObservedState, OperationKind, OperationStatus
+from labs.compute.moves import vm_move_request
+from labs.errors import Invalid, NotAllowed, Refused
+from labs.models import Host, Operation
+
+
+@pytest.fixture
+def h2(db):
+    return Host.objects.create(
+        name="h2",
+        uri="qemu:///system",
+        vcpus=8,
+        memory_mib=16384,
+        disk_gib=200,
+        ssh_port_min=23000,
+        ssh_port_max=23001,
+    )
+
+
+@pytest.fixture
+def stopped(make_vm, group_a):
+    return make_vm(group_a, observed_state=ObservedState.SHUTOFF, ssh_port=22000)
+
+
+def test_an_instructor_asks_and_the_destination_and_its_port_are_recorded(
+    stopped, h2, ines, sent
+):
+    op = vm_move_request(vm=stopped, to=h2, by=ines)
+    assert op.kind == OperationKind.MOVE and op.status == OperationStatus.QUEUED
+    assert op.params == {"host": h2.pk, "from": stopped.host_id, "ssh_port": 23000}
+    assert sent == [op.pk]
+    stopped.refresh_from_db()
+    assert stopped.host.name == "h1"  # nothing changes until the move has succeeded
+
+
+def test_two_moves_to_one_host_take_different_ports_and_a_third_finds_none(
+    make_vm, group_a, group_b, h2, ines, sent
+):
+    first = make_vm(group_a, observed_state=ObservedState.SHUTOFF, ssh_port=22000)
+    second = make_vm(group_b, observed_state=ObservedState.SHUTOFF, ssh_port=22001)
+    third = make_vm(group_b, name="vm2", observed_state=ObservedState.SHUTOFF, ssh_port=22002)
+    ports = [vm_move_request(vm=v, to=h2, by=ines).params["ssh_port"] for v in (first, second)]
+    assert ports == [23000, 23001]
+    with pytest.raises(Refused, match="Host h2 has no free SSH port"):
+        vm_move_request(vm=third, to=h2, by=ines)
+
+
+def test_students_and_tas_may_not_move_a_vm(stopped, h2, alice, tara):
+    for user in (alice, tara):
+        with pytest.raises(NotAllowed, match="instructors and operators"):
+            vm_move_request(vm=stopped, to=h2, by=user)
+    assert not Operation.objects.exists()
+
+
+def test_a_running_vm_its_own_host_and_a_disabled_host_are_refused_with_the_reason(
+    make_vm, group_a, stopped, h2, ines
+):
+    running = make_vm(group_a, name="vm2", ssh_port=22001)
+    with pytest.raises(Refused, match="vm2 is running: shut it down first"):
+        vm_move_request(vm=running, to=h2, by=ines)
+    with pytest.raises(Invalid, match="vm1 is on h1 already"):
+        vm_move_request(vm=stopped, to=stopped.host, by=ines)
+    Host.objects.filter(pk=h2.pk).update(enabled=False)
+    with pytest.raises(Refused, match="Host h2 is disabled"):
+        vm_move_request(vm=stopped, to=h2, by=ines)
+    Host.objects.filter(pk=h2.pk).update(enabled=True, memory_mib=512)
+    with pytest.raises(Refused, match="Host h2 has no room for vm1"):
+        vm_move_request(vm=stopped, to=h2, by=ines)
+    assert not Operation.objects.exists()
