@@ -259,10 +259,26 @@ class GroupAdmin(CourseScopedAdmin):
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ["name", "uri", "enabled", "virt_type", "network_mode", "usage", "last_seen_at"]
-    list_filter = ["enabled", "virt_type", "network_mode"]
+    list_display = [
+        "name",
+        "uri",
+        "enabled",
+        "draining",
+        "virt_type",
+        "network_mode",
+        "usage",
+        "state",
+        "last_seen_at",
+    ]
+    list_editable = ["draining"]
+    list_filter = ["enabled", "draining", "virt_type", "network_mode"]
     search_fields = ["name", "uri"]
-    readonly_fields = ["last_seen_at", "last_error"]
+    readonly_fields = ["state", "last_seen_at", "unreachable_since", "last_error"]
+
+    @admin.display(description="state")
+    def state(self, obj):
+        """Up, disabled, draining or "unreachable since 14:03": what placement sees."""
+        return obj.state_label
 
     @admin.display(description="used / available (vCPU, MiB, GiB)")
     def usage(self, obj):

@@ -31,6 +31,20 @@ class NetworkMode(models.TextChoices):
     BRIDGE = "bridge", "Bridge (production: guest on a host bridge)"
 
 
+class PlacementPolicy(models.TextChoices):
+    PACK = "pack", "Pack: the fullest host that still fits (hosts empty for maintenance)"
+    SPREAD = "spread", "Spread: the host with the most free memory"
+
+
+class HostState(models.TextChoices):
+    """What a host is to placement, in precedence order (``Host.state``)."""
+
+    DISABLED = "disabled", "Disabled"
+    DRAINING = "draining", "Draining"
+    UNREACHABLE = "unreachable", "Unreachable"
+    UP = "up", "Up"
+
+
 class DesiredState(models.TextChoices):
     RUNNING = "running", "Running"
     STOPPED = "stopped", "Stopped"

@@ -14,10 +14,12 @@ from labs.choices import (
     DesiredState,
     DriverKind,
     GroupStatus,
+    HostState,
     NetworkMode,
     ObservedState,
     OperationKind,
     OperationStatus,
+    PlacementPolicy,
     Role,
     VirtType,
 )
@@ -43,6 +45,14 @@ class Course(models.Model):
     quota_cap_vcpus = models.PositiveSmallIntegerField("vCPUs cap", default=16)
     quota_cap_memory_mib = models.PositiveIntegerField("memory cap (MiB)", default=32768)
     quota_cap_disk_gib = models.PositiveIntegerField("disk cap (GiB)", default=200)
+    placement = models.CharField(
+        "placement policy",
+        max_length=8,
+        choices=PlacementPolicy.choices,
+        default=PlacementPolicy.SPREAD,
+        help_text="How new VMs choose among the hosts with room; a group's VMs stay together "
+        "on one host while it has room (docs/decisions.md, Hosts and placement).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -321,6 +331,9 @@ class Host(models.Model):
         validators=[validate_libvirt_uri],
     )
     enabled = models.BooleanField(default=True, help_text="New VMs are placed on enabled hosts.")
+    draining = models.BooleanField(
+        default=False, help_text="Being emptied: no new VMs; its VMs move off."
+    )
     vcpus = models.PositiveIntegerField("vCPUs")
     memory_mib = models.PositiveIntegerField("memory (MiB)")
     disk_gib = models.PositiveIntegerField("disk (GiB)")
@@ -345,6 +358,8 @@ class Host(models.Model):
     )
     last_seen_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+    # Set by reconcile when the host first fails to answer, cleared when it answers again.
+    unreachable_since = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -369,6 +384,32 @@ class Host(models.Model):
     @property
     def queue(self) -> str:
         return f"host.{self.name}"
+
+    @property
+    def state(self) -> str:
+        """A HostState: disabled, draining, unreachable or up, the first that applies.
+
+        Only an ``up`` host gets new VMs (compute.placement.vm_place).
+        """
+        if not self.enabled:
+            return HostState.DISABLED
+        if self.draining:
+            return HostState.DRAINING
+        if self.unreachable_since is not None:
+            return HostState.UNREACHABLE
+        return HostState.UP
+
+    @property
+    def state_label(self) -> str:
+        """The state for people: "up", "draining", "unreachable since 14:03" (local time;
+        with the date when it was not today)."""
+        state = self.state
+        if state != HostState.UNREACHABLE:
+            return state.label.lower()
+        since = timezone.localtime(self.unreachable_since)
+        if since.date() == timezone.localdate():
+            return f"unreachable since {since:%H:%M}"
+        return f"unreachable since {since:%b} {since.day}, {since:%H:%M}"
 
 
 class Image(models.Model):

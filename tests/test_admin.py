@@ -160,6 +160,38 @@ def test_hosts_and_images_stay_with_superusers(client_for, ines, vm_of_a):
     assert client.get(reverse("admin:labs_image_changelist")).status_code == 403
 
 
+def test_a_superuser_sees_each_hosts_state_and_drains_one_from_the_list(client, vm_of_a):
+    from django.utils import timezone
+
+    from labs.models import Host
+
+    root = get_user_model().objects.create_superuser("root", "root@example.edu", None)
+    client.force_login(root)
+    since = timezone.localtime().replace(hour=14, minute=3, second=0, microsecond=0)
+    spec = {"uri": "qemu:///system", "vcpus": 4, "memory_mib": 8192, "disk_gib": 100}
+    gone = Host.objects.create(name="h2", unreachable_since=since, **spec)
+    url = reverse("admin:labs_host_changelist")
+    page = client.get(url).content.decode()
+    assert '<td class="field-state">up</td>' in page
+    assert '<td class="field-state">unreachable since 14:03</td>' in page
+
+    h1 = vm_of_a.host
+    form = {
+        "form-TOTAL_FORMS": "2",
+        "form-INITIAL_FORMS": "2",
+        "form-0-id": str(h1.pk),
+        "form-0-draining": "on",
+        "form-1-id": str(gone.pk),
+        "_save": "Save",
+    }
+    response = client.post(url, form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    h1.refresh_from_db()
+    gone.refresh_from_db()
+    assert (h1.draining, h1.state, gone.draining) == (True, "draining", False)
+    assert '<td class="field-state">draining</td>' in client.get(url).content.decode()
+
+
 def test_an_instructor_raises_a_groups_quota_but_nothing_else(client_for, ines, group_a):
     client = client_for(ines)
     url = reverse("admin:labs_group_change", args=[group_a.pk])

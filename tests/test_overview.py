@@ -111,6 +111,24 @@ def test_host_capacity_shows_what_live_vms_use_against_the_overcommitted_size(
     assert "idle-off" not in hosts  # disabled and holding nothing of the course
 
 
+def test_each_host_shows_its_state_next_to_its_capacity(client_for, ines, course, lab):
+    spec = {"uri": "qemu:///system", "vcpus": 4, "memory_mib": 8192, "disk_gib": 100}
+    Host.objects.create(name="hv-drain", draining=True, **spec)
+    since = timezone.localtime().replace(hour=14, minute=3, second=0, microsecond=0)
+    Host.objects.create(
+        name="hv-gone", unreachable_since=since, last_error="host hv-gone did not answer", **spec
+    )
+    hosts = section(client_for(ines).get(overview_url(course)).content.decode(), "hosts-heading")
+
+    def row(name: str) -> str:
+        return re.search(rf'<th scope="row">{name}</th>(.*?)</tr>', hosts, re.S).group(1)
+
+    assert ">up</span>" in row("h1") and "16384" in row("h1")
+    assert ">draining</span>" in row("hv-drain") and "8192" in row("hv-drain")
+    assert ">unreachable since 14:03</span>" in row("hv-gone")
+    assert "did not answer" in row("hv-gone")
+
+
 def test_failed_operations_come_first_with_their_error(client_for, ines, course, lab):
     operations = section(
         client_for(ines).get(overview_url(course)).content.decode(), "operations-heading"

@@ -3,6 +3,10 @@
 ``capacity`` is the one formula (what a host offers with its overcommit ratios); the
 overview and the admin show what ``host_usages`` computes with it, and placement decides
 with it, so the three never disagree.
+
+Placement chooses only among hosts that are up (``Host.state``: not disabled, draining or
+unreachable); a group's VMs stay on the host where its others run while it has room; the
+course's policy (pack or spread) chooses otherwise. docs/decisions.md says why.
 """
 
 from dataclasses import dataclass
@@ -11,7 +15,7 @@ from django.db import transaction
 from django.db.models import Count, Q, Sum, Value
 from django.db.models.functions import Coalesce
 
-from labs.choices import DesiredState
+from labs.choices import DesiredState, HostState, PlacementPolicy
 from labs.models import Course, Host, Vm
 
 RESOURCES = ("vcpus", "memory_mib", "disk_gib")
@@ -86,37 +90,107 @@ def host_usage(*, host: Host) -> HostUsage:
     return host_usages(hosts=Host.objects.filter(pk=host.pk))[0]
 
 
-def _free_ssh_port(host: Host) -> int | None:
-    taken = set(
-        Vm.objects.filter(host=host, ssh_port__isnull=False).values_list("ssh_port", flat=True)
-    )
+#: The hosts placement may choose: enabled, not draining, answering (``Host.state`` "up").
+UP = Q(enabled=True, draining=False, unreachable_since__isnull=True)
+
+
+def _ports_taken(hosts: list[Host]) -> dict[int, set[int]]:
+    """The SSH ports in use on each of the hosts, in one query."""
+    taken: dict[int, set[int]] = {h.pk: set() for h in hosts}
+    for host_id, port in Vm.objects.filter(host__in=hosts, ssh_port__isnull=False).values_list(
+        "host_id", "ssh_port"
+    ):
+        taken[host_id].add(port)
+    return taken
+
+
+def _free_ssh_port(host: Host, taken: set[int]) -> int | None:
     for port in range(host.ssh_port_min, host.ssh_port_max + 1):
         if port not in taken:
             return port
     return None
 
 
-def vm_place(*, vm: Vm) -> bool:
-    """Put an unplaced VM on the enabled host with the most free memory that fits it.
+def _listed(items: list[str], *, most: int = 4) -> str:
+    """``a, b, c``; past ``most`` items, ``and 3 more``."""
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
-    Returns False (and says why on the VM) when no host has room; the VM then waits and
-    the reconcile loop tries again.
+
+def _say(message: str) -> str:
+    """The message as the VM's status_message holds it (cut to the column's length)."""
+    limit = Vm._meta.get_field("status_message").max_length
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def _waiting_reason(*, up: list[Host]) -> str:
+    """Why nothing fits: no host is up (and which are not, and why), or none has room."""
+    down = _listed([f"{h.name} {h.state_label}" for h in Host.objects.exclude(UP)])
+    if not up:
+        return f"no host is up ({down})" if down else "no host is registered yet"
+    return "no host has room for it right now" + (f" ({down})" if down else "")
+
+
+def _split_note(*, chosen: Host, home: list[Host]) -> str:
+    """Why a group's VM went elsewhere than where the group's other VMs run."""
+
+    def why(host: Host) -> str:
+        return "full" if host.state == HostState.UP else host.state_label
+
+    if len(home) == 1:
+        return (
+            f"Placed on {chosen.name}: {home[0].name}, where the group's other VMs run, "
+            f"is {why(home[0])}."
+        )
+    listed = _listed([f"{h.name} ({why(h)})" for h in home])
+    return f"Placed on {chosen.name}: the group's other VMs run on {listed}."
+
+
+def vm_place(*, vm: Vm) -> bool:
+    """Put an unplaced VM on a host that is up and has room for it (and a free SSH port).
+
+    Where the group's other live VMs run comes first (the one holding most of them, if it
+    fits); otherwise the course's policy chooses among the hosts that fit: ``spread``
+    takes the one with the most free memory, ``pack`` the one with the least that still
+    fits. Ties go to the first by name. A group's VMs placed apart say so on the VM.
+
+    Returns False (and says why on the VM) when no host is up or none has room; the VM
+    then waits and the reconcile loop tries again. Six queries, however many hosts.
     """
     with transaction.atomic():
-        # Lock the enabled hosts: two placements at once see each other's VMs.
-        hosts = list(Host.objects.select_for_update().filter(enabled=True).order_by("name"))
-        usages = host_usages(hosts=Host.objects.filter(pk__in=[h.pk for h in hosts]))
-        candidates = []
+        # Lock the hosts that are up: two placements at once see each other's VMs.
+        up = list(Host.objects.select_for_update().filter(UP).order_by("name"))
+        usages = host_usages(hosts=Host.objects.filter(pk__in=[h.pk for h in up]))
+        taken = _ports_taken(up)
+        fitting: list[tuple[HostUsage, int]] = []
         for usage in usages:
-            if usage.fits(vm) and (port := _free_ssh_port(usage.host)) is not None:
-                candidates.append((usage.free["memory_mib"], usage.host, port))
-        if not candidates:
-            why = "no enabled host" if not hosts else "no host has room for it right now"
-            Vm.objects.filter(pk=vm.pk).update(status_message=f"Waiting: {why}.")
-            vm.status_message = f"Waiting: {why}."
+            port = _free_ssh_port(usage.host, taken[usage.host.pk])
+            if usage.fits(vm) and port is not None:
+                fitting.append((usage, port))
+        if not fitting:
+            vm.status_message = _say(f"Waiting: {_waiting_reason(up=up)}.")
+            Vm.objects.filter(pk=vm.pk).update(status_message=vm.status_message)
             return False
-        # Most free memory; on a tie the first by name (max keeps the first it saw).
-        _, host, port = max(candidates, key=lambda c: c[0])
-        vm.host, vm.ssh_port, vm.status_message = host, port, ""
+        policy = Course.objects.filter(groups=vm.group_id).values_list("placement", flat=True)
+        pack = policy.first() == PlacementPolicy.PACK
+        # Where the group's other live VMs run, most of them first (any host state).
+        home = list(
+            Host.objects.annotate(
+                group_vms=Count("vms", filter=_LIVE & Q(vms__group_id=vm.group_id))
+            )
+            .filter(group_vms__gt=0)
+            .order_by("-group_vms", "name")
+        )
+        group_vms = {h.pk: h.group_vms for h in home}
+        at_home = [c for c in fitting if c[0].host.pk in group_vms]
+        if at_home:
+            most = max(group_vms[usage.host.pk] for usage, _ in at_home)
+            at_home = [c for c in at_home if group_vms[c[0].host.pk] == most]
+        choices = at_home or fitting
+        # min/max keep the first they saw: on a tie, the first by name.
+        pick = min if pack else max
+        usage, port = pick(choices, key=lambda c: c[0].free["memory_mib"])
+        note = "" if at_home or not home else _split_note(chosen=usage.host, home=home)
+        vm.host, vm.ssh_port, vm.status_message = usage.host, port, _say(note)
         vm.save(update_fields=["host", "ssh_port", "status_message", "updated_at"])
         return True

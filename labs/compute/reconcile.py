@@ -9,7 +9,8 @@ VMs ``unknown`` and tries again next time.
 import logging
 from dataclasses import dataclass
 
-from django.db.models import Q
+from django.db.models import Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from labs.choices import (
@@ -41,7 +42,8 @@ class ReconcileReport:
 def host_reconcile(*, host: Host) -> ReconcileReport:
     """Compare desired and observed state on one host; restart what should be running.
 
-    A host that does not answer marks its VMs ``unknown``: no record is ever deleted or
+    A host that does not answer marks its VMs ``unknown`` and is ``unreachable`` (no new
+    VMs) from the first pass it failed until one it answers: no record is ever deleted or
     re-created because a host was unreachable. One loop on purpose: each VM's state,
     console endpoint, consoles and restart are decided together from one observation.
     """
@@ -57,16 +59,23 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
         domains = driver.states()
     except HypervisorError as error:
         report.reachable = False
-        Host.objects.filter(pk=host.pk).update(last_error=str(error)[:2000])
+        now = timezone.now()
+        # Since the first pass it failed: a host that stays down keeps its first time.
+        Host.objects.filter(pk=host.pk).update(
+            last_error=str(error)[:2000],
+            unreachable_since=Coalesce("unreachable_since", Value(now)),
+        )
         Vm.objects.filter(pk__in=[v.pk for v in vms]).update(
-            observed_state=ObservedState.UNKNOWN, observed_at=timezone.now()
+            observed_state=ObservedState.UNKNOWN, observed_at=now
         )
         for vm in vms:
             if vm.observed_state != ObservedState.UNKNOWN:
                 events.vm_changed(vm=vm)
         log.warning("reconcile: host %s did not answer: %s", host.name, error)
         return report
-    Host.objects.filter(pk=host.pk).update(last_seen_at=timezone.now(), last_error="")
+    Host.objects.filter(pk=host.pk).update(
+        last_seen_at=timezone.now(), last_error="", unreachable_since=None
+    )
     busy = set(
         Operation.objects.filter(vm__in=vms, status__in=ACTIVE_OPERATION_STATUSES).values_list(
             "vm_id", flat=True
