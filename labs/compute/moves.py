@@ -19,7 +19,7 @@ from django.db import transaction
 
 from labs import access
 from labs.access import Action
-from labs.choices import ACTIVE_OPERATION_STATUSES, ObservedState, OperationKind
+from labs.choices import ACTIVE_OPERATION_STATUSES, HostState, ObservedState, OperationKind
 from labs.compute import dispatch, placement, ssh_access
 from labs.compute.records import NO_CONSOLE, operation_progress, vm_observe
 from labs.drivers.registry import driver_for
@@ -47,8 +47,8 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
         )
     with transaction.atomic():
         host = Host.objects.select_for_update().get(pk=to.pk)
-        if not host.enabled:
-            raise Refused(f"Host {host.name} is disabled: it takes no VMs.")
+        if host.state != HostState.UP:
+            raise Refused(f"Host {host.name} is {host.state_label}: it takes no VMs.")
         if not placement.host_usage(host=host).fits(vm):
             raise Refused(f"Host {host.name} has no room for {vm.name}.")
         port = _free_port(host)

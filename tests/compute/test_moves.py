@@ -27,9 +27,7 @@ def stopped(make_vm, group_a):
     return make_vm(group_a, observed_state=ObservedState.SHUTOFF, ssh_port=22000)
 
 
-def test_an_instructor_asks_and_the_destination_and_its_port_are_recorded(
-    stopped, h2, ines, sent
-):
+def test_an_instructor_asks_and_the_destination_and_its_port_are_recorded(stopped, h2, ines, sent):
     op = vm_move_request(vm=stopped, to=h2, by=ines)
     assert op.kind == OperationKind.MOVE and op.status == OperationStatus.QUEUED
     assert op.params == {"host": h2.pk, "from": stopped.host_id, "ssh_port": 23000}
@@ -68,7 +66,10 @@ def test_a_running_vm_its_own_host_and_a_disabled_host_are_refused_with_the_reas
     Host.objects.filter(pk=h2.pk).update(enabled=False)
     with pytest.raises(Refused, match="Host h2 is disabled"):
         vm_move_request(vm=stopped, to=h2, by=ines)
-    Host.objects.filter(pk=h2.pk).update(enabled=True, memory_mib=512)
+    Host.objects.filter(pk=h2.pk).update(enabled=True, draining=True)
+    with pytest.raises(Refused, match="Host h2 is draining"):
+        vm_move_request(vm=stopped, to=h2, by=ines)
+    Host.objects.filter(pk=h2.pk).update(draining=False, memory_mib=512)
     with pytest.raises(Refused, match="Host h2 has no room for vm1"):
         vm_move_request(vm=stopped, to=h2, by=ines)
     assert not Operation.objects.exists()
