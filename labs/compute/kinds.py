@@ -143,7 +143,7 @@ CATALOGUE: dict[str, Kind] = {
             # never on a group's page.
             OperationKind.MOVE,
             moves.move,
-            accepts=frozenset({S.SHUTOFF}),
+            accepts=frozenset({S.SHUTOFF, S.RUNNING}),
             audience=Audience.SYSTEM,
         ),
         Kind(

@@ -1,8 +1,10 @@
 """Moving a VM to another host: who may ask, where it may go, and the executor.
 
-This is the cold move (a stopped VM, with its disk, seed and every snapshot); the live one
-comes behind the same request. Operators ask for it (``manage.py move_vm``, the admin),
-never students: a move changes the VM's SSH line and takes it off its host for a while.
+A stopped VM moves cold, with its disk, seed and every snapshot; a running one moves live
+(its memory and disk copied while it runs, a short pause at the end; a VM with snapshots
+cannot, libvirt keeps them inside the disk and refuses). Operators and the course's
+instructors ask for it (``manage.py move_vm``), never students: a move changes the VM's
+SSH line and takes it off its host for a while.
 
 The executor is safe to run again at any point (a worker killed midway, a host that did
 not answer): the destination is recorded in the Operation's parameters with the SSH port
@@ -21,7 +23,14 @@ from labs import access
 from labs.access import Action
 from labs.choices import ACTIVE_OPERATION_STATUSES, HostState, ObservedState, OperationKind
 from labs.compute import dispatch, placement, ssh_access
-from labs.compute.records import NO_CONSOLE, operation_progress, vm_observe
+from labs.compute.records import (
+    NO_CONSOLE,
+    operation_progress,
+    vm_console_record,
+    vm_consoles_close,
+    vm_observe,
+)
+from labs.drivers.base import DomainMissing
 from labs.drivers.registry import driver_for
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.live import events
@@ -40,10 +49,16 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
         raise Refused(f"{vm.name} is not created yet.")
     if vm.host_id == to.pk:
         raise Invalid(f"{vm.name} is on {to.name} already.")
-    if vm.observed_state != ObservedState.SHUTOFF:
+    if vm.observed_state not in (ObservedState.SHUTOFF, ObservedState.RUNNING):
         raise Refused(
-            f"{vm.name} is {ObservedState(vm.observed_state).label.lower()}: shut it down "
-            "first (a cold move takes a stopped VM)."
+            f"{vm.name} is {ObservedState(vm.observed_state).label.lower()}: only a running "
+            "VM (moved live) or a stopped one (moved with its snapshots) can move."
+        )
+    live = vm.observed_state == ObservedState.RUNNING
+    if live and vm.snapshots.exists():
+        raise Refused(
+            f"{vm.name} has snapshots, which a live move cannot take along: shut it down "
+            "and move it stopped (every snapshot comes along), or delete them first."
         )
     with transaction.atomic():
         host = Host.objects.select_for_update().get(pk=to.pk)
@@ -54,7 +69,7 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
         port = _free_port(host)
         if port is None:
             raise Refused(f"Host {host.name} has no free SSH port.")
-        params = {"host": host.pk, "from": vm.host_id, "ssh_port": port}
+        params = {"host": host.pk, "from": vm.host_id, "ssh_port": port, "live": live}
         return dispatch.operation_create(vm=vm, kind=OperationKind.MOVE, by=by, params=params)
 
 
@@ -79,7 +94,7 @@ def move(op: Operation) -> None:
     vm = Vm.objects.select_related("host", "group__course", "image").get(pk=op.vm_id)
     source_host = Host.objects.get(pk=op.params["from"])
     target_host = Host.objects.get(pk=op.params["host"])
-    port = int(op.params["ssh_port"])
+    live = bool(op.params.get("live"))
     report = operation_progress(op)
     src, dst = driver_for(source_host), driver_for(target_host)
     on_source = vm.host_id == source_host.pk
@@ -89,20 +104,45 @@ def move(op: Operation) -> None:
         vm.host = target_host
         target = replace(
             vm_spec(vm),
-            ssh_port=port,
+            ssh_port=int(op.params["ssh_port"]),
             virt_type=dst.resolve_virt_type(target_host.virt_type),
         )
-        seed = vm_seed(vm, ssh_access.access_wanted(vm))
-        timings = src.copy_offline(
-            dst, source=source, target=target, seed_iso=seed, progress=report
-        )
-        op.params = {**op.params, "timings": {k: round(v, 2) for k, v in timings.items()}}
-        Operation.objects.filter(pk=op.pk).update(params=op.params)
+        if live and _arrived(src, dst, source, target):
+            log.info("%s already runs on %s: finishing its move", vm.domain_name, target_host)
+        else:
+            seed = vm_seed(vm, ssh_access.access_wanted(vm))
+            copy = src.move_live if live else src.copy_offline
+            if live:
+                vm_consoles_close(vm, f"the VM is moving to {target_host.name}")
+            timings = copy(dst, source=source, target=target, seed_iso=seed, progress=report)
+            op.params = {**op.params, "timings": {k: round(v, 2) for k, v in timings.items()}}
+            Operation.objects.filter(pk=op.pk).update(params=op.params)
         # The destination holds the whole VM: from now on the VM is there.
-        Vm.objects.filter(pk=vm.pk).update(host=target_host, ssh_port=port, **NO_CONSOLE)
+        Vm.objects.filter(pk=vm.pk).update(
+            host=target_host, ssh_port=target.ssh_port, **NO_CONSOLE
+        )
         log.info("%s moved from %s to %s", vm.domain_name, source_host.name, target_host.name)
     report(f"removing the old copy from {source_host.name}")
     src.delete(source)
-    vm.refresh_from_db()
-    vm_observe(vm, ObservedState.SHUTOFF, f"Moved from {source_host.name} to {target_host.name}.")
+    vm = Vm.objects.select_related("host", "group").get(pk=vm.pk)
+    moved = f"Moved from {source_host.name} to {target_host.name}."
+    if live:
+        vm_console_record(vm, dst)
+        vm_observe(vm, ObservedState.RUNNING, moved)
+    else:
+        vm_observe(vm, ObservedState.SHUTOFF, moved)
     events.vm_changed(vm=vm)
+
+
+def _arrived(src, dst, source, target) -> bool:
+    """A live move that finished on the hosts before its worker could record it: the
+    domain is defined on the destination and gone from the source."""
+    try:
+        dst.state(target.name)
+    except DomainMissing:
+        return False
+    try:
+        src.state(source.name)
+    except DomainMissing:
+        return True
+    return False

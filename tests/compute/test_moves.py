@@ -6,7 +6,7 @@ import pytest
 from labs.choices import ObservedState, OperationKind, OperationStatus
 from labs.compute.moves import vm_move_request
 from labs.errors import Invalid, NotAllowed, Refused
-from labs.models import Host, Operation
+from labs.models import Host, Operation, Snapshot
 
 
 @pytest.fixture
@@ -27,10 +27,15 @@ def stopped(make_vm, group_a):
     return make_vm(group_a, observed_state=ObservedState.SHUTOFF, ssh_port=22000)
 
 
+def test_a_running_vm_without_snapshots_moves_live(make_vm, group_a, h2, ines, sent):
+    running = make_vm(group_a, ssh_port=22000)
+    assert vm_move_request(vm=running, to=h2, by=ines).params["live"] is True
+
+
 def test_an_instructor_asks_and_the_destination_and_its_port_are_recorded(stopped, h2, ines, sent):
     op = vm_move_request(vm=stopped, to=h2, by=ines)
     assert op.kind == OperationKind.MOVE and op.status == OperationStatus.QUEUED
-    assert op.params == {"host": h2.pk, "from": stopped.host_id, "ssh_port": 23000}
+    assert op.params == {"host": h2.pk, "from": stopped.host_id, "ssh_port": 23000, "live": False}
     assert sent == [op.pk]
     stopped.refresh_from_db()
     assert stopped.host.name == "h1"  # nothing changes until the move has succeeded
@@ -58,8 +63,12 @@ def test_students_and_tas_may_not_move_a_vm(stopped, h2, alice, tara):
 def test_a_running_vm_its_own_host_and_a_disabled_host_are_refused_with_the_reason(
     make_vm, group_a, stopped, h2, ines
 ):
-    running = make_vm(group_a, name="vm2", ssh_port=22001)
-    with pytest.raises(Refused, match="vm2 is running: shut it down first"):
+    paused = make_vm(group_a, name="vm2", ssh_port=22001, observed_state=ObservedState.PAUSED)
+    with pytest.raises(Refused, match="vm2 is paused: only a running VM"):
+        vm_move_request(vm=paused, to=h2, by=ines)
+    running = make_vm(group_a, name="vm3", ssh_port=22002)
+    Snapshot.objects.create(vm=running, name="s1", with_memory=True)
+    with pytest.raises(Refused, match="vm3 has snapshots, which a live move cannot take"):
         vm_move_request(vm=running, to=h2, by=ines)
     with pytest.raises(Invalid, match="vm1 is on h1 already"):
         vm_move_request(vm=stopped, to=stopped.host, by=ines)

@@ -2,7 +2,8 @@
 worker over the host's libvirt URI (qemu+tcp on 127.0.0.2 here: a second libvirtd in a
 mount namespace of its own, scripts/second-libvirtd.sh), and leaves nothing there when
 it is deleted; a stopped VM moved there (a cold move) comes with its disk and every
-snapshot, and reverts there.
+snapshot, and reverts there; a running one moved live keeps running, the same boot and
+the same processes, behind the new host's SSH forward.
 """
 
 import pytest
@@ -17,6 +18,8 @@ from labs.models import Host
 from .conftest import PREFIX, approve_new_group, ssh, virsh_on, wait_for_ssh, wait_operation
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 
 
 def _domains(uri: str) -> list[str]:
@@ -142,6 +145,54 @@ def test_a_stopped_vm_moves_to_the_other_host_with_its_snapshots_and_reverts_the
     wait_for_ssh(key, vm.ssh_port, timeout=60)
     assert ssh(key, vm.ssh_port, "cat mark").stdout.strip() == "one"
     print(f"\ncold move: {timings}")
+
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
+    assert _domains(second_host.uri) == []
+
+
+@pytest.mark.sqlite_pass_only
+def test_a_running_vm_moves_live_and_its_processes_live_on(
+    course,
+    alice,
+    ines,
+    qemu_host,
+    second_host,
+    debian_template,
+    worker,
+    second_worker,
+    group_keypair,
+    storage_dir,
+    second_storage_dir,
+):
+    key, public = group_keypair
+    Host.objects.filter(pk=second_host.pk).update(enabled=False)
+    vm, provision = approve_new_group(
+        course, by=alice, reviewer=ines, name="Live", public_key=public
+    )
+    wait_operation(provision, timeout=240)
+    Host.objects.filter(pk=second_host.pk).update(enabled=True)
+    vm.refresh_from_db()
+    old_port = vm.ssh_port
+    wait_for_ssh(key, old_port, timeout=240)
+    boot_id = ssh(key, old_port, BOOT_ID).stdout.strip()
+    # A process started before the move, still there after it.
+    pid = ssh(key, old_port, "setsid sleep 100000 >/dev/null 2>&1 < /dev/null & echo $!").stdout
+    pid = pid.strip()
+    assert pid.isdigit()
+
+    move = wait_operation(vm_move_request(vm=vm, to=second_host, by=ines), timeout=300)
+    vm.refresh_from_db()
+    assert vm.host == second_host and vm.observed_state == ObservedState.RUNNING
+    assert move.params["live"] is True
+    assert second_host.ssh_port_min <= vm.ssh_port <= second_host.ssh_port_max
+    assert virsh_on(second_host.uri, "domstate", vm.domain_name).stdout.strip() == "running"
+    assert _domains(qemu_host.uri) == []
+    assert not list(storage_dir.glob(f"{vm.domain_name}*"))
+    # The old forward went with the old QEMU; the new one reaches the same running guest.
+    wait_for_ssh(key, vm.ssh_port, timeout=60)
+    assert ssh(key, vm.ssh_port, BOOT_ID).stdout.strip() == boot_id
+    assert ssh(key, vm.ssh_port, f"kill -0 {pid}").returncode == 0
+    print(f"\nlive move: {move.params['timings']}")
 
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
     assert _domains(second_host.uri) == []

@@ -510,6 +510,20 @@ class LibvirtDriver(StorageMixin):
             self, to, source=source, target=target, seed_iso=seed_iso, progress=progress
         )
 
+    def move_live(
+        self,
+        to: LibvirtDriver,
+        *,
+        source: VmSpec,
+        target: VmSpec,
+        seed_iso: bytes,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
+        """The running VM, migrated live to host ``to`` (labs/drivers/libvirt/migration.py)."""
+        return migration.move_live(
+            self, to, source=source, target=target, seed_iso=seed_iso, progress=progress
+        )
+
     # -- console --
 
     def console(self, name: str) -> ConsoleEndpoint:

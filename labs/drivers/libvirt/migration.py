@@ -1,4 +1,5 @@
-"""Copying a stopped VM to another libvirt host, without shared storage (a cold move).
+"""Moving a VM to another libvirt host without shared storage: a stopped one copied (a
+cold move, ``copy_offline``), a running one migrated live (``move_live``).
 
 Everything goes through the two hosts' libvirt APIs, as provisioning does: the overlay
 (with the internal snapshots it holds) is streamed from the source's volume into a new
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from contextlib import suppress
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -210,3 +213,151 @@ def copy_offline(
         len(snapshots),
     )
     return timings
+
+
+LIVE_FLAGS = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    | libvirt.VIR_MIGRATE_NON_SHARED_INC  # the overlay goes along; the base is on both
+    | libvirt.VIR_MIGRATE_ABORT_ON_ERROR
+    | libvirt.VIR_MIGRATE_AUTO_CONVERGE  # a guest dirtying memory fast still converges
+)
+POLL_SECONDS = 0.5
+
+
+def _migration_address(dst: LibvirtDriver) -> str | None:
+    """Where the destination takes the memory and disk streams: its libvirt server's
+    address (a URI with no server is this machine: libvirt's own choice)."""
+    return urlsplit(dst.uri).hostname
+
+
+def move_live(
+    src: LibvirtDriver,
+    dst: LibvirtDriver,
+    *,
+    source: VmSpec,
+    target: VmSpec,
+    seed_iso: bytes,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Move the running VM ``source`` on ``src`` to ``dst`` as ``target`` while it runs:
+    an empty overlay on the same base and the seed are made there first, then libvirt
+    copies the overlay's blocks and the memory (its pre-copy rounds), pauses the guest for
+    the last round and resumes it there. On success the domain runs only on ``dst`` (the
+    source's definition is gone; its volumes are left for the caller to delete). A
+    failure leaves it running on ``src`` and removes what was made on ``dst``."""
+    report = progress or (lambda _message: None)
+    started = time.monotonic()
+    report("checking the VM is running")
+    dom = src._own_domain(source)
+    if dom is None:
+        raise HypervisorError(f"VM {source.name} does not exist on host {src.host}")
+    with src._errors(f"reading VM {source.name}"):
+        if not dom.isActive():
+            raise HypervisorError(f"VM {source.name} is not running on host {src.host}")
+        snapshots = dom.snapshotNum(0)
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
+        overlay = src._volume(src._pool_for(source.storage_dir, create=False), source.overlay_name)
+    if snapshots:
+        raise HypervisorError(
+            f"VM {source.name} has {snapshots} snapshot{'s' if snapshots != 1 else ''}, which a "
+            "live migration cannot take along (they live inside its disk): shut it down and "
+            "move it stopped (every snapshot comes along), or delete them first"
+        )
+    if overlay is None:
+        raise HypervisorError(f"the disk of VM {source.name} is missing on host {src.host}")
+    report(f"checking the base image on {dst.host}")
+    src_base, dst_base = src._checked_base(source), dst._checked_base(target)
+    if volume_sha256(src, src_base) != volume_sha256(dst, dst_base):
+        raise HypervisorError(
+            f"base image {target.base_image} on host {dst.host} differs from the one on host "
+            f"{src.host}: copy the same image there first (sha256 must match)"
+        )
+    if dst._own_domain(target) is not None:
+        dst._remove(target)  # an interrupted move's leftovers: start over
+    checked = time.monotonic()
+    outcome: dict[str, object] = {}
+    try:
+        pool = dst._pool_for(target.storage_dir, create=True)
+        with dst._errors(f"creating the disk of {target.name}"):
+            stale = dst._volume(pool, target.overlay_name)
+            if stale is not None:
+                stale.delete(0)
+            pool.createXML(
+                volume_xml(
+                    target.overlay_name,
+                    capacity=overlay.info()[1],
+                    fmt="qcow2",
+                    backing=dst_base.path(),
+                ),
+                0,
+            )
+        dst._write_seed(pool, target, seed_iso)
+        params = {
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: _moved_snapshot_xml(xml, source, target),
+            libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"],
+        }
+        address = _migration_address(dst)
+        if address:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = f"tcp://{address}"
+            params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = f"tcp://{address}"
+
+        def migrate():
+            try:
+                outcome["domain"] = dom.migrate3(dst._conn, params, LIVE_FLAGS)
+            except BaseException as error:  # handed to the waiting thread
+                outcome["error"] = error
+
+        report("copying the disk and memory")
+        worker = threading.Thread(target=migrate, name=f"migrate-{source.name}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(POLL_SECONDS)
+            with suppress(libvirt.libvirtError):
+                stats = dom.jobStats(0)
+                report(_progress_text(stats))
+        if "error" in outcome:
+            error = outcome["error"]
+            if isinstance(error, libvirt.libvirtError):
+                with src._errors(f"migrating VM {source.name} to host {dst.host}"):
+                    raise error
+            raise error
+    except BaseException:
+        log.warning(
+            "live move of %s to %s failed; removing what was made there", target.name, dst.host
+        )
+        with suppress(Exception):
+            dst._remove(target)
+        raise
+    moved = outcome["domain"]
+    done = time.monotonic()
+    timings = {
+        "checks_s": checked - started,
+        "migrate_s": done - checked,
+        "total_s": done - started,
+    }
+    with suppress(libvirt.libvirtError):
+        completed = moved.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        if "downtime" in completed:
+            timings["downtime_ms"] = float(completed["downtime"])
+        if "memory_iteration" in completed:
+            timings["memory_iterations"] = float(completed["memory_iteration"])
+    log.info("live-moved %s from %s to %s: %s", source.name, src.host, dst.host, timings)
+    return timings
+
+
+def _progress_text(stats: dict) -> str:
+    """What a migration job is doing, for the VM's page."""
+    total = stats.get("memory_total") or 0
+    remaining = stats.get("memory_remaining") or 0
+    disk_total = stats.get("disk_total") or 0
+    disk_remaining = stats.get("disk_remaining") or 0
+    if disk_total and disk_remaining:
+        done = 100 - disk_remaining * 100 // disk_total
+        return f"copying the disk: {done}% of {disk_total / 2**20:.0f} MiB"
+    if total:
+        done = 100 - remaining * 100 // total
+        iteration = stats.get("memory_iteration", 0)
+        return f"copying memory: {done}% of {total / 2**20:.0f} MiB (round {iteration})"
+    return "copying the disk and memory"
