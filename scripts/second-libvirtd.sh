@@ -40,7 +40,11 @@ start)
     # Nothing of the first daemon's: no domains, pools or networks (no NAT network, ever).
     rm -rf "$state/etc/qemu" "$state/etc/storage" "$state/etc/secrets"
     mkdir -p "$state/etc/qemu" "$state/etc/storage"
-    cat >>"$state/etc/libvirtd.conf" <<EOF
+    cat /proc/sys/kernel/random/uuid >"$state/host_uuid"
+  fi
+  # Written at every start from the machine's own files, so a changed address or port
+  # takes effect; the host UUID stays the host's.
+  { cat /etc/libvirt/libvirtd.conf; cat <<EOF
 
 # scripts/second-libvirtd.sh: the second host, on the loopback only
 listen_tls = 0
@@ -48,9 +52,10 @@ listen_tcp = 1
 listen_addr = "$address"
 tcp_port = "$port"
 auth_tcp = "none"
-host_uuid = "$(cat /proc/sys/kernel/random/uuid)"
+host_uuid = "$(cat "$state/host_uuid")"
 EOF
-    cat >>"$state/etc/qemu.conf" <<EOF
+  } >"$state/etc/libvirtd.conf"
+  { cat /etc/libvirt/qemu.conf; cat <<EOF
 
 # scripts/second-libvirtd.sh: its own ports, no cgroups of its own, logs in files
 migration_address = "$address"
@@ -62,7 +67,7 @@ remote_display_port_max = 6999
 cgroup_controllers = [ ]
 stdio_handler = "file"
 EOF
-  fi
+  } >"$state/etc/qemu.conf"
   # The daemon keeps the namespace: the mounts exist for it and its QEMUs only.
   unshare --mount --propagation private -- bash -euc '
     mount --bind "$1/etc" /etc/libvirt

@@ -223,14 +223,28 @@ def virsh_on(uri: str, *args: str) -> subprocess.CompletedProcess:
 def second_libvirtd():
     """A second hypervisor on this machine (scripts/second-libvirtd.sh: its own libvirtd
     in a private mount namespace on 127.0.0.2:16510), for this run; its URI."""
+    import socket
+
     state = Path(f"/var/lib/stratus/test-{RUN}-hv2-state")
     script = str(ROOT / "scripts" / "second-libvirtd.sh")
+    with socket.socket() as s:  # a port of its own: a demo's second libvirtd may run too
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
     started = subprocess.run(
-        [script, "start", str(state)], capture_output=True, text=True, timeout=60
+        [script, "start", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SECOND_LIBVIRTD_PORT": str(port)},
     )
     assert started.returncode == 0, started.stderr
     yield started.stdout.strip().splitlines()[-1]
-    subprocess.run([script, "stop", str(state)], capture_output=True, timeout=60)
+    subprocess.run(
+        [script, "stop", str(state)],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "SECOND_LIBVIRTD_PORT": str(port)},
+    )
     shutil.rmtree(state, ignore_errors=True)
 
 
