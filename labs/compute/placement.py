@@ -194,3 +194,21 @@ def vm_place(*, vm: Vm) -> bool:
         vm.host, vm.ssh_port, vm.status_message = usage.host, port, _say(note)
         vm.save(update_fields=["host", "ssh_port", "status_message", "updated_at"])
         return True
+
+
+def move_destination(*, vm: Vm, away_from: Host) -> Host | None:
+    """Where ``vm`` can go when it leaves ``away_from`` (a drain): a host that is up, has
+    room and a free SSH port, by the course's policy (spread: most free memory; pack: the
+    least that still fits). None when no host can take it."""
+    hosts = list(Host.objects.filter(UP).exclude(pk=away_from.pk).order_by("name"))
+    taken = _ports_taken(hosts)
+    fitting = [
+        usage
+        for usage in host_usages(hosts=Host.objects.filter(pk__in=[h.pk for h in hosts]))
+        if usage.fits(vm) and _free_ssh_port(usage.host, taken[usage.host.pk]) is not None
+    ]
+    if not fitting:
+        return None
+    policy = Course.objects.filter(groups=vm.group_id).values_list("placement", flat=True)
+    pick = min if policy.first() == PlacementPolicy.PACK else max
+    return pick(fitting, key=lambda usage: usage.free["memory_mib"]).host

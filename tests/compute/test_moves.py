@@ -82,3 +82,20 @@ def test_a_running_vm_its_own_host_and_a_disabled_host_are_refused_with_the_reas
     with pytest.raises(Refused, match="Host h2 has no room for vm1"):
         vm_move_request(vm=stopped, to=h2, by=ines)
     assert not Operation.objects.exists()
+
+
+def test_a_drain_sends_each_vm_to_an_up_host_with_room_by_the_course_policy(stopped, h2, course):
+    from labs.choices import PlacementPolicy
+    from labs.compute.placement import move_destination
+
+    h3 = Host.objects.create(
+        name="h3", uri="qemu:///system", vcpus=8, memory_mib=4096, disk_gib=200
+    )
+    assert move_destination(vm=stopped, away_from=stopped.host) == h2  # spread: most free
+    course.placement = PlacementPolicy.PACK
+    course.save(update_fields=["placement"])
+    assert move_destination(vm=stopped, away_from=stopped.host) == h3  # pack: least free
+    Host.objects.filter(pk=h3.pk).update(draining=True)
+    assert move_destination(vm=stopped, away_from=stopped.host) == h2
+    Host.objects.filter(pk=h2.pk).update(memory_mib=512)
+    assert move_destination(vm=stopped, away_from=stopped.host) is None

@@ -3,12 +3,14 @@ worker over the host's libvirt URI (qemu+tcp on 127.0.0.2 here: a second libvirt
 mount namespace of its own, scripts/second-libvirtd.sh), and leaves nothing there when
 it is deleted; a stopped VM moved there (a cold move) comes with its disk and every
 snapshot, and reverts there; a running one moved live keeps running, the same boot and
-the same processes, behind the new host's SSH forward.
+the same processes, behind the new host's SSH forward; a drain moves a host's VMs off and
+lists the one that could not go, with the reason.
 """
 
 import pytest
 
 from labs.choices import ObservedState, OperationKind
+from labs.compute.drain import host_drain
 from labs.compute.moves import vm_move_request
 from labs.compute.requests import vm_operation_request
 from labs.drivers.cloudinit import hostname_for
@@ -196,3 +198,65 @@ def test_a_running_vm_moves_live_and_its_processes_live_on(
 
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
     assert _domains(second_host.uri) == []
+
+
+@pytest.mark.sqlite_pass_only
+def test_draining_a_host_moves_its_vms_and_lists_what_stayed(
+    course,
+    alice,
+    ines,
+    qemu_host,
+    second_host,
+    debian_template,
+    worker,
+    second_worker,
+    group_keypair,
+    storage_dir,
+):
+    key, public = group_keypair
+    Host.objects.filter(pk=second_host.pk).update(enabled=False)
+    debian_template.count = 3
+    debian_template.save(update_fields=["count"])
+    _, provision = approve_new_group(
+        course, by=alice, reviewer=ines, name="Three", public_key=public
+    )
+    vms = list(provision.vm.group.vms.order_by("name"))
+    for vm in vms:
+        wait_operation(vm.operations.get(kind=OperationKind.PROVISION), timeout=300)
+    Host.objects.filter(pk=second_host.pk).update(enabled=True)
+    running, *stopped = vms
+    for vm in stopped:  # two stopped (they move cold), one running (it moves live)
+        wait_operation(vm_operation_request(vm=vm, kind=OperationKind.FORCE_OFF, by=alice))
+    wait_operation(
+        vm_operation_request(
+            vm=running, kind=OperationKind.SNAPSHOT, by=alice, params={"name": "keep"}
+        )
+    )
+
+    # The running VM has a snapshot: it cannot move live, and stays, saying why.
+    report = host_drain(host=qemu_host, by=None, parallel=2, timeout=600)
+    assert sorted(report.moved) == [f"Three/{vm.name} -> {second_host.name}" for vm in stopped]
+    assert [vm for vm, _ in report.stayed] == [f"Three/{running.name}"]
+    assert "has snapshots, which a live move cannot take" in report.stayed[0][1]
+    qemu_host.refresh_from_db()
+    assert qemu_host.draining  # nothing new lands there meanwhile
+    assert _domains(qemu_host.uri) == [running.domain_name]
+
+    # Without it, the second drain moves the last one live and the host is empty.
+    snapshot = running.snapshots.get()
+    wait_operation(
+        vm_operation_request(
+            vm=running,
+            kind=OperationKind.SNAPSHOT_DELETE,
+            by=alice,
+            params={"name": snapshot.name},
+        )
+    )
+    report = host_drain(host=qemu_host, by=None, parallel=2, timeout=600)
+    assert report.drained and report.moved == [f"Three/{running.name} -> {second_host.name}"]
+    assert _domains(qemu_host.uri) == []
+    assert list(storage_dir.iterdir()) == []
+    assert sorted(_domains(second_host.uri)) == sorted(vm.domain_name for vm in vms)
+    running.refresh_from_db()
+    assert running.observed_state == ObservedState.RUNNING and running.host == second_host
+    wait_for_ssh(key, running.ssh_port, timeout=240)
