@@ -237,7 +237,9 @@ def second_libvirtd():
         timeout=60,
         env={**os.environ, "SECOND_LIBVIRTD_PORT": str(port)},
     )
-    assert started.returncode == 0, started.stderr
+    if started.returncode != 0:
+        shutil.rmtree(state, ignore_errors=True)
+        pytest.fail(f"the second libvirtd did not start: {started.stderr}")
     yield started.stdout.strip().splitlines()[-1]
     subprocess.run(
         [script, "stop", str(state)],

@@ -205,3 +205,91 @@ def test_postgres_restarted_under_load_the_pool_reconnects_and_nothing_hangs(clu
         f"\n{len(answers)} requests, {len(during)} during a {OUTAGE_SECONDS} s outage; "
         f"slowest {slowest:.2f} s; served again {recovered - back:.2f} s after the restart"
     )
+
+
+A_GROUP_APPROVED = """
+from django.contrib.auth import get_user_model
+from labs.choices import OperationKind, Role
+from labs.models import Course, Host, Image, Membership, Operation, Vm, VmTemplate
+from labs.people.groups import group_approve, group_register
+User = get_user_model()
+course = Course.objects.create(slug="pg", title="PG")
+image = Image.objects.create(name="deb", os="Debian 12", login_user="student", path=IMAGE)
+VmTemplate.objects.create(course=course, image=image, vcpus=1, memory_mib=512, disk_gib=4)
+Host.objects.create(
+    name=HOST, uri="qemu:///system", vcpus=4, memory_mib=8192, disk_gib=100,
+    virt_type="qemu", storage_dir=STORAGE, ssh_port_min=PORT, ssh_port_max=PORT + 9,
+)
+student = User.objects.create_user("pat")
+Membership.objects.create(course=course, user=student)
+teacher = User.objects.create_user("ivy")
+Membership.objects.create(course=course, user=teacher, role=Role.INSTRUCTOR)
+group = group_register(
+    course=course, by=student, name="G", member_usernames=[], project_title="t",
+    project_idea="i", ssh_public_key=KEY,
+)
+group_approve(group=group, by=teacher)
+print(Operation.objects.get(vm__group=group, kind=OperationKind.PROVISION).pk)
+"""
+
+
+def _operation(url: str, pk: int) -> tuple[str, int, str]:
+    import psycopg
+
+    with psycopg.connect(url.replace("postgres://", "postgresql://"), connect_timeout=3) as db:
+        return db.execute(
+            "SELECT status, attempts, progress FROM labs_operation WHERE id = %s", (pk,)
+        ).fetchone()
+
+
+@pytest.mark.sqlite_pass_only
+def test_postgres_down_under_a_running_operation_it_runs_again_once_it_is_back(
+    cluster, storage_dir, group_keypair
+):
+    from .conftest import HOST_NAME, IMAGE_PATH, SSH_PORT_MIN, Worker
+
+    _, public = group_keypair
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "DATABASE_URL": cluster.url,
+    }
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    _manage(env, "migrate", "--no-input")
+    script = (
+        f"IMAGE = {str(IMAGE_PATH)!r}; HOST = {HOST_NAME!r}; STORAGE = {str(storage_dir)!r}\n"
+        f"PORT = {SSH_PORT_MIN + 200}; KEY = {public!r}\n" + A_GROUP_APPROVED
+    )
+    op_id = int(_manage(env, "shell", "-c", script).strip().splitlines()[-1])
+    # The worker pauses once the domain is defined; PostgreSQL goes down meanwhile and
+    # stays down past the pause, so the operation's next write meets no database.
+    worker = Worker(
+        "",
+        {"DATABASE_URL": cluster.url, "DATABASE_POOL_TIMEOUT": "3"},
+    )
+    worker.start(STRATUS_FAILPOINTS="provision:starting VM:8")
+    try:
+        wait_for(
+            lambda: _operation(cluster.url, op_id)[2] == "starting VM",
+            timeout=120,
+            what="the provision to reach its pause",
+        )
+        cluster.stop()
+        time.sleep(OUTAGE_SECONDS + 8)
+        cluster.start()
+        wait_for(
+            lambda: _operation(cluster.url, op_id)[0] in ("succeeded", "failed"),
+            timeout=240,
+            what="the provision to end",
+        )
+        status, attempts, _ = _operation(cluster.url, op_id)
+        log = worker.log.read_text()
+    finally:
+        worker.stop()
+    assert status == "succeeded", log[-3000:]
+    assert attempts == 2  # the first run met no database and was re-queued, not lost
+    assert "the database went away" in log and "re-queued after the database came back" in log
+    running = subprocess.run(
+        ["virsh", "-q", "-c", "qemu:///system", "list", "--name"], capture_output=True, text=True
+    ).stdout.split()
+    assert len([n for n in running if n.startswith(f"stratus-test{RUN}-vm-")]) == 1

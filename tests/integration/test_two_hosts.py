@@ -16,6 +16,7 @@ from labs.compute.requests import vm_operation_request
 from labs.drivers.cloudinit import hostname_for
 from labs.errors import NotAllowed
 from labs.models import Host
+from labs.people.groups import group_approve, group_register
 
 from .conftest import PREFIX, approve_new_group, ssh, virsh_on, wait_for_ssh, wait_operation
 
@@ -217,10 +218,18 @@ def test_draining_a_host_moves_its_vms_and_lists_what_stayed(
     Host.objects.filter(pk=second_host.pk).update(enabled=False)
     debian_template.count = 3
     debian_template.save(update_fields=["count"])
-    _, provision = approve_new_group(
-        course, by=alice, reviewer=ines, name="Three", public_key=public
+    group = group_register(
+        course=course,
+        by=alice,
+        name="Three",
+        member_usernames=[],
+        project_title="t",
+        project_idea="i",
+        ssh_public_key=public,
     )
-    vms = list(provision.vm.group.vms.order_by("name"))
+    group_approve(group=group, by=ines)
+    vms = list(group.vms.order_by("name"))
+    assert len(vms) == 3
     for vm in vms:
         wait_operation(vm.operations.get(kind=OperationKind.PROVISION), timeout=300)
     Host.objects.filter(pk=second_host.pk).update(enabled=True)
