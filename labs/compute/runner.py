@@ -4,14 +4,16 @@ A Celery task (``labs.tasks.operation_run_task``) hands the runner an Operation 
 runner claims the row with a conditional UPDATE (``queued → running``: a second delivery of
 the same task finds nothing to claim), runs the executor its kind's catalogue entry names,
 and records how it ended. It never leaves an operation ``running``: a transient driver
-error puts it back to ``queued`` for the task to retry, anything else ends it ``failed``
-with a message a student can act on.
+error, or a database that went away, puts it back to ``queued`` for the task to retry;
+anything else ends it ``failed`` with a message a student can act on.
 """
 
 import logging
+import time
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
+from django.db import InterfaceError, OperationalError, connection
 from django.db.models import F
 from django.utils import timezone
 
@@ -28,11 +30,15 @@ log = logging.getLogger(__name__)
 # Runs of one operation at most: counted on the row, so a message sent twice (the outbox
 # sends again what looks lost) never gives an operation more tries.
 MAX_ATTEMPTS = 6
+# The database errors that mean "it is not answering", not "this operation is wrong".
+DATABASE_GONE = (OperationalError, InterfaceError)
+DATABASE_WAIT_SECONDS = 600
+DATABASE_POLL_SECONDS = 2
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    status: str  # "skipped" | "succeeded" | "failed" | "retry"
+    status: str  # "skipped" | "succeeded" | "failed" | "retry" | "requeued"
     error: str = ""
 
 
@@ -73,6 +79,14 @@ def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutc
     if op is None:
         return RunOutcome("skipped")
     try:
+        return _run(op, may_retry=may_retry)
+    except DATABASE_GONE as error:
+        _requeue_when_database_back(op, error)
+        return RunOutcome("retry" if may_retry else "requeued", "the database was unreachable")
+
+
+def _run(op: Operation, *, may_retry: bool) -> RunOutcome:
+    try:
         kinds.CATALOGUE[op.kind].executor(op)
     except HypervisorUnavailable as error:
         message = events.without_host_uri(f"{error} — the host did not answer", op.vm)
@@ -93,6 +107,8 @@ def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutc
         message = events.without_host_uri(message_of(error), op.vm)
         _finish(op, OperationStatus.FAILED, message)
         return RunOutcome("failed", message)
+    except DATABASE_GONE:
+        raise  # not the operation's fault: it runs again once the database is back
     except Exception:
         log.exception("operation %s (%s) crashed", op.pk, op.kind)
         _finish(op, OperationStatus.FAILED, "Internal error; the operators have the details.")
@@ -101,6 +117,39 @@ def operation_run(*, operation_id: int, worker: str, may_retry: bool) -> RunOutc
     # A VM that runs again (start, revert, …) gets the SSH access it missed at once.
     ssh_access.syncs_request(Vm.objects.filter(pk=op.vm_id))
     return RunOutcome("succeeded")
+
+
+def _requeue_when_database_back(op: Operation, error: Exception) -> None:
+    """The database went away under a running operation (PostgreSQL restarted, say): its
+    row cannot say how it ended. Wait for the database (up to DATABASE_WAIT_SECONDS) and
+    put the operation back to ``queued``, so that it runs again from the start (every
+    executor is safe to run again, as after a worker crash) instead of staying
+    ``running`` under a live worker. Past the wait, the error goes up: the row stays
+    ``running`` until this worker restarts and recovers it (operations_recover)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    log.warning(
+        "operation %s (%s): the database went away (%s); re-queueing it once it is back",
+        op.pk,
+        op.kind,
+        first,
+    )
+    deadline = time.monotonic() + DATABASE_WAIT_SECONDS
+    while True:
+        connection.close()  # the broken connection; the next query opens a new one
+        try:
+            Operation.objects.filter(pk=op.pk, status=OperationStatus.RUNNING).update(
+                status=OperationStatus.QUEUED,
+                progress="re-queued: the database was unreachable",
+                sent_at=timezone.now(),  # the task's retry is on its way: no resend yet
+            )
+        except DATABASE_GONE:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(DATABASE_POLL_SECONDS)
+            continue
+        log.info("operation %s re-queued after the database came back", op.pk)
+        events.operation_changed(operation=op)
+        return
 
 
 def operations_recover(*, worker_prefix: str, alive_worker: str) -> list[int]:
