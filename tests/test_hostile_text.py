@@ -79,3 +79,37 @@ def test_too_long_input_is_refused_with_a_message_not_an_error_page(
     assert "Ensure this value has at most 80 characters" in page
     assert "at most 5000 characters" in page
     assert not Group.objects.exists()
+
+
+# Control and direction-changing characters in the one-line names no form field covers.
+INVISIBLE = ["\u202e", "\u2066", "\u200d", "\x00", "\x1b"]
+
+
+@pytest.mark.parametrize("character", INVISIBLE)
+def test_a_snapshot_name_refuses_control_and_direction_characters(
+    make_vm, group_a, alice, character
+):
+    from labs.choices import OperationKind
+    from labs.compute.requests import vm_operation_request
+    from labs.errors import Invalid
+    from labs.models import Operation
+
+    vm = make_vm(group_a)
+    with pytest.raises(Invalid, match="letters, digits"):
+        vm_operation_request(
+            vm=vm, kind=OperationKind.SNAPSHOT, by=alice, params={"name": f"lab{character}2"}
+        )
+    assert not Operation.objects.exists()
+
+
+@pytest.mark.parametrize("character", INVISIBLE)
+def test_a_roster_username_refuses_control_and_direction_characters(course, character):
+    from django.contrib.auth import get_user_model
+
+    from labs.people.roster import RosterError, roster_import
+
+    data = f"username,email\nok,ok@example.edu\nev{character}e,eve@example.edu\n".encode()
+    with pytest.raises(RosterError) as refused:
+        roster_import(course=course, data=data)
+    assert refused.value.errors[0].startswith("line 3:")
+    assert not get_user_model().objects.filter(username="ok").exists()  # nothing half-done
