@@ -11,9 +11,10 @@ from django.db.models import Count
 from django.template.response import TemplateResponse
 
 from labs import access
+from labs.compute.moves import vm_move_request
 from labs.compute.placement import host_usage
 from labs.errors import StratusError, message_of
-from labs.forms import RejectForm
+from labs.forms import MoveForm, RejectForm
 from labs.models import Course, Group, Host, Image, Membership, Operation, Snapshot, Vm, VmTemplate
 from labs.people import groups as group_services
 
@@ -345,6 +346,39 @@ class VmAdmin(CourseScopedAdmin):
         "created_at",
     ]
     inlines = [OperationInline]
+    actions = ["move"]
+
+    def has_move_permission(self, request):
+        # The rows are the course's (get_queryset); vm_move_request asks the access
+        # policy again for each VM (instructors of its course and superusers).
+        return request.user.is_superuser or _is_course_staff(request)
+
+    @admin.action(description="Move the selected VMs to another host", permissions=["move"])
+    def move(self, request, queryset):
+        form = MoveForm(request.POST if "host" in request.POST else None)
+        if form.is_valid():
+            to, asked = form.cleaned_data["host"], 0
+            for vm in queryset.select_related("group", "host"):
+                try:
+                    vm_move_request(vm=vm, to=to, by=request.user)
+                except StratusError as error:
+                    self.message_user(request, f"{vm}: {message_of(error)}", level=messages.ERROR)
+                else:
+                    asked += 1
+            if asked:
+                self.message_user(
+                    request, f"Asked for {asked} move(s) to {to.name}; each VM's page shows it."
+                )
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Move VMs to another host",
+            "vms": queryset.select_related("group", "host"),
+            "form": form,
+            "opts": self.model._meta,
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/labs/vm/move.html", context)
 
 
 @admin.register(Operation)

@@ -75,6 +75,24 @@ class AccountResetForm(PasswordResetForm):
         return (u for u in users if u.has_usable_password() or is_invited(u))
 
 
+class MoveForm(forms.Form):
+    """The admin's intermediate page for moving VMs to another host."""
+
+    host = forms.ModelChoiceField(
+        queryset=None,
+        empty_label=None,
+        help_text="Running VMs move live (a pause of a fraction of a second), stopped ones "
+        "with their snapshots. Each VM's SSH port changes.",
+    )
+
+    def __init__(self, *args, **kwargs):
+        from labs.compute.placement import UP
+        from labs.models import Host
+
+        super().__init__(*args, **kwargs)
+        self.fields["host"].queryset = Host.objects.filter(UP).order_by("name")
+
+
 class RejectForm(forms.Form):
     """The admin's intermediate page for rejecting groups in bulk."""
 

@@ -99,3 +99,41 @@ def test_a_drain_sends_each_vm_to_an_up_host_with_room_by_the_course_policy(stop
     assert move_destination(vm=stopped, away_from=stopped.host) == h2
     Host.objects.filter(pk=h2.pk).update(memory_mib=512)
     assert move_destination(vm=stopped, away_from=stopped.host) is None
+
+
+# --- the admin's action ---------------------------------------------------------------------
+
+
+def test_the_admin_action_asks_which_host_then_moves_each_vm_or_says_why_not(
+    client_for, make_vm, group_a, h2, ines, sent
+):
+    from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+    from django.urls import reverse
+
+    stopped = make_vm(group_a, observed_state=ObservedState.SHUTOFF, ssh_port=22000)
+    paused = make_vm(group_a, name="vm2", ssh_port=22001, observed_state=ObservedState.PAUSED)
+    url = reverse("admin:labs_vm_changelist")
+    chosen = {"action": "move", ACTION_CHECKBOX_NAME: [stopped.pk, paused.pk]}
+    client = client_for(ines)
+    page = client.post(url, chosen).content.decode()
+    assert "Move VMs to another host" in page and f'<option value="{h2.pk}"' in page
+    response = client.post(url, {**chosen, "host": h2.pk}, follow=True)
+    text = response.content.decode()
+    assert "Asked for 1 move(s) to h2" in text
+    assert "vm2 is paused: only a running VM" in text
+    (op,) = Operation.objects.all()
+    assert op.vm == stopped and op.kind == OperationKind.MOVE and op.requested_by == ines
+
+
+def test_a_ta_gets_no_move_in_the_admin(client_for, make_vm, group_a, h2, tara):
+    from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+    from django.urls import reverse
+
+    stopped = make_vm(group_a, observed_state=ObservedState.SHUTOFF, ssh_port=22000)
+    url = reverse("admin:labs_vm_changelist")
+    client = client_for(tara)
+    response = client.post(
+        url, {"action": "move", ACTION_CHECKBOX_NAME: [stopped.pk], "host": h2.pk}, follow=True
+    )
+    assert "Only the course&#x27;s instructors and operators move VMs" in response.content.decode()
+    assert not Operation.objects.exists()
