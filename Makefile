@@ -11,7 +11,7 @@ export SITE_URL ?= http://$(HOST):$(PORT)
 IMAGE_DIR ?= /var/lib/stratus/images
 export STRATUS_IMAGE_DIR := $(IMAGE_DIR)
 
-.PHONY: run test lint format system-run system-test migrate demo serve image clean
+.PHONY: run test lint format system-run system-test migrate demo serve image clean second-host
 
 run: system-run $(VENV)/.run-deps node_modules/.installed image migrate demo serve
 
@@ -80,6 +80,17 @@ LOG_FORMAT ?= text
 serve:
 	@echo "Stratus is at http://$(HOST):$(PORT)/  (Ctrl-C stops web, worker and beat)"
 	WEB_HOST=$(HOST) WEB_PORT=$(PORT) LOG_FORMAT=$(LOG_FORMAT) $(VENV)/bin/honcho start -f Procfile
+
+# A second hypervisor on this machine, to try moving VMs (docs/operations.md, "Moving a VM
+# to another host"): its own libvirtd on 127.0.0.2 (scripts/second-libvirtd.sh), registered
+# as host `local2`, and its worker in the foreground. Run it beside `make run`; Ctrl-C stops
+# the worker, `scripts/second-libvirtd.sh stop` the daemon (its VMs with it).
+second-host: $(VENV)/.run-deps migrate
+	@uri=$$(scripts/second-libvirtd.sh start) && \
+	  $(PY) manage.py register_host local2 --uri "$$uri" --virt-type qemu \
+	    --storage-dir /var/lib/stratus/vms2 --ssh-ports 22100-22199 && \
+	  $(VENV)/bin/celery -A portal worker --loglevel INFO --concurrency 1 \
+	    -Q host.local2 -n local2@%h
 
 # The database goes with var/; libvirt's domains do not (docs/operations.md, "The demo").
 clean:

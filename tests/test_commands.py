@@ -367,3 +367,41 @@ def test_load_demo_without_an_image_makes_people_but_no_group(tmp_path):
     assert set(printed_passwords(out)) == {"instructor", "alice", "bob", "carol", "dave"}
     assert not Group.objects.exists()
     assert not (tmp_path / "demo_key").exists()
+
+
+# register_host ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_register_host_checks_the_host_then_saves_it(tmp_path):
+    from labs.models import Host, Image
+
+    Image.objects.create(name="deb", os="Debian 12", path="/srv/images/debian-12.qcow2")
+    out, _ = run(
+        "register_host", "hv9", "--uri", "test:///default", "--storage-dir", str(tmp_path),
+        "--ssh-ports", "23000-23099", "--memory-mib", "4096",
+    )  # fmt: skip
+    assert "hv9: libvirt" in out and "answers at test:///default" in out
+    assert f"storage directory {tmp_path}: ready" in out
+    assert "base image /srv/images/debian-12.qcow2: missing" in out
+    host = Host.objects.get(name="hv9")
+    assert (host.ssh_port_min, host.ssh_port_max, host.memory_mib) == (23000, 23099, 4096)
+    assert "its worker serves host.hv9" in out
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--uri", "qemu+tcp://127.0.0.1:1/system"], "Host hv9 cannot hold VMs"),
+        (["--uri", "qemu+tcp://hv9.example.edu/system"], "only a loopback test daemon"),
+        (["--uri", "test:///default", "--ssh-ports", "22000-21000"], "SSH ports are a range"),
+        (["--uri", "test:///default", "--ssh-ports", "many"], "--ssh-ports is MIN-MAX"),
+    ],
+)
+def test_register_host_saves_nothing_when_a_check_fails(arguments, message):
+    from labs.models import Host
+
+    with pytest.raises(CommandError, match=message):
+        run("register_host", "hv9", *arguments)
+    assert not Host.objects.exists()

@@ -220,6 +220,10 @@ class Driver(Protocol):
     def states(self) -> dict[str, DomainState]: ...
     def console(self, name: str) -> ConsoleEndpoint: ...
 
+    # registering a host: it answers, its storage directory is usable (made if missing),
+    # and which of ``base_images`` it holds ({"libvirt": version, path: "present"|why})
+    def host_check(self, *, storage_dir: str, base_images: list[str]) -> dict[str, str]: ...
+
     # moving between hosts: the stopped VM ``source`` here is made to exist as ``target``
     # on ``to`` (a driver of the same kind), its disk, seed and snapshots with it, or
     # nothing is left there; this host's copy stays for the caller to delete once its

@@ -494,6 +494,25 @@ class LibvirtDriver(StorageMixin):
             time.monotonic() - started,
         )
 
+    # -- registering a host --
+
+    def host_check(self, *, storage_dir: str, base_images: list[str]) -> dict[str, str]:
+        """What an operator registering this host should know, checked on the host: it
+        answers, its storage directory can hold VMs (made if missing), and which base
+        images it has. HypervisorError when it cannot hold VMs at all."""
+        with self._errors("connecting"):
+            version = self._conn.getLibVersion()
+        self._pool_for(storage_dir, create=True)
+        found = {"libvirt": f"{version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"}
+        for path in base_images:
+            try:
+                self._base_volume(path)
+            except HypervisorError as error:
+                found[path] = f"missing ({error})"
+            else:
+                found[path] = "present"
+        return found
+
     # -- moving between hosts --
 
     def copy_offline(

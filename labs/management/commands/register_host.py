@@ -1,0 +1,73 @@
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from labs.choices import VirtType
+from labs.drivers.base import HypervisorError
+from labs.drivers.registry import driver_at
+from labs.models import Host, Image
+from labs.tooling.registration import host_register
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise CommandError(f"--ssh-ports is MIN-MAX, such as 22000-22999, not {text!r}.") from None
+
+
+class Command(BaseCommand):
+    help = (
+        "Register (or update) a hypervisor host after checking it: its libvirt URI answers, "
+        "its storage directory can hold VMs, and which base images it has. Nothing is saved "
+        "when a check fails. Its worker then serves the queue host.NAME."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="the host's name (a slug; its queue is host.NAME)")
+        parser.add_argument("--uri", required=True, help="its libvirt URI (docs/deploy.md)")
+        parser.add_argument("--vcpus", type=int, default=4)
+        parser.add_argument("--memory-mib", type=int, default=8192)
+        parser.add_argument("--disk-gib", type=int, default=100)
+        parser.add_argument("--storage-dir", default="/var/lib/stratus/vms")
+        parser.add_argument("--ssh-ports", default="22000-22999", help="MIN-MAX")
+        parser.add_argument(
+            "--virt-type", choices=VirtType.values, default=VirtType.AUTO, help="kvm, qemu, auto"
+        )
+
+    def handle(self, *args, name, uri, ssh_ports, storage_dir, **options):
+        low, high = _port_range(ssh_ports)
+        fields = {
+            "vcpus": options["vcpus"],
+            "memory_mib": options["memory_mib"],
+            "disk_gib": options["disk_gib"],
+            "storage_dir": storage_dir,
+            "ssh_port_min": low,
+            "ssh_port_max": high,
+            "virt_type": options["virt_type"],
+        }
+        probe = Host(name=name, uri=uri, **fields)
+        try:
+            probe.full_clean(validate_unique=False)
+        except ValidationError as error:
+            raise CommandError("; ".join(error.messages)) from None
+        images = list(Image.objects.order_by("name").values_list("path", flat=True))
+        try:
+            found = driver_at(uri, host_name=name).host_check(
+                storage_dir=storage_dir, base_images=images
+            )
+        except HypervisorError as error:
+            raise CommandError(f"Host {name} cannot hold VMs: {error}") from None
+        self.stdout.write(f"{name}: libvirt {found.pop('libvirt')} answers at {uri}")
+        self.stdout.write(f"  storage directory {storage_dir}: ready")
+        for path, state in found.items():
+            self.stdout.write(f"  base image {path}: {state}")
+        self.stdout.write(
+            "  consoles: VMs on a host whose VNC sockets this web process cannot reach do "
+            "not open in the browser yet (docs/deploy.md, 'Consoles of VMs on other hosts')"
+        )
+        try:
+            host = host_register(name=name, uri=uri, **fields)
+        except ValidationError as error:
+            raise CommandError("; ".join(error.messages)) from None
+        self.stdout.write(f"Registered host {host.name}; its worker serves host.{host.name}.")
