@@ -97,9 +97,9 @@ UP = Q(enabled=True, draining=False, unreachable_since__isnull=True)
 def _ports_taken(hosts: list[Host]) -> dict[int, set[int]]:
     """The SSH ports in use on each of the hosts, in one query."""
     taken: dict[int, set[int]] = {h.pk: set() for h in hosts}
-    for host_id, port in Vm.objects.filter(host__in=hosts, ssh_port__isnull=False).values_list(
-        "host_id", "ssh_port"
-    ):
+    # order_by(): no Meta ordering, which would join groups and courses to sort the lot.
+    rows = Vm.objects.filter(host__in=hosts, ssh_port__isnull=False).order_by()
+    for host_id, port in rows.values_list("host_id", "ssh_port"):
         taken[host_id].add(port)
     return taken
 
