@@ -356,6 +356,19 @@ class Host(models.Model):
     storage_dir = models.CharField(
         max_length=300, default="/var/lib/stratus/vms", help_text="Overlays and seeds."
     )
+    console_ssh = models.CharField(
+        "console SSH",
+        max_length=255,
+        blank=True,
+        help_text="user@host[:port] the web process opens console channels through (SSH to "
+        "the VMs' VNC sockets on this host); empty: this web host's own sockets.",
+    )
+    console_ssh_host_key = models.TextField(
+        "console SSH host key",
+        blank=True,
+        help_text="The host's SSH public key (one line, 'ssh-ed25519 AAAA…'), pinned: a "
+        "server without it is refused.",
+    )
     last_seen_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     # Set by reconcile when the host first fails to answer, cleared when it answers again.

@@ -151,6 +151,9 @@ CONSOLE_TICKET_TTL = env_int("CONSOLE_TICKET_TTL", 30)  # seconds; at most 60
 CONSOLE_IDLE_TIMEOUT = env_int("CONSOLE_IDLE_TIMEOUT", 30 * 60)  # no input from the browser
 CONSOLE_MAX_SESSION = env_int("CONSOLE_MAX_SESSION", 8 * 3600)  # absolute limit
 CONSOLE_MAX_FRAME = env_int("CONSOLE_MAX_FRAME", 256 * 1024)  # bytes per websocket message
+# The web process's SSH key for console channels to other hosts (labs/consoles/tunnel.py;
+# used only for hosts with a `console_ssh` address).
+CONSOLE_SSH_KEY = env_str("CONSOLE_SSH_KEY", str(BASE_DIR / "ssh" / "console_ed25519"))
 if not 1 <= CONSOLE_TICKET_TTL <= 60:
     raise ImproperlyConfigured("CONSOLE_TICKET_TTL must be between 1 and 60 seconds")
 # Sockets one user may hold open at once (labs/consoles/leases.py), across every web

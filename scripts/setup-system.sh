@@ -13,7 +13,9 @@ packages=(ca-certificates make openssh-client
 case $profile in
   run) ;;
   # docker-compose lints docker-compose.yml (tests/test_deploy_files.py); no engine needed.
-  test) packages+=(chromium fonts-dejavu-core docker-compose) ;;
+  # openssh-server: the tests run sshd (never the system's service) on a second libvirtd,
+  # as the console channel to another host (tests/integration/conftest.py).
+  test) packages+=(chromium fonts-dejavu-core docker-compose openssh-server) ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 
@@ -28,8 +30,17 @@ if ((${#missing[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo=sudo
   echo "Installing Debian packages: ${missing[*]}"
+  # Keep the package scripts from starting services (sshd would listen on every address).
+  guard=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    guard=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$guard" >/dev/null
+    $sudo chmod 755 "$guard"
+    trap '$sudo rm -f "$guard"' EXIT  # also when apt-get fails
+  fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  [[ -z $guard ]] || $sudo rm -f "$guard"
 fi
 
 # Redis on loopback (Celery's broker): use the one running, else install and start one.

@@ -397,6 +397,21 @@ def test_register_host_checks_the_host_then_saves_it(tmp_path):
         (["--uri", "qemu+tcp://hv9.example.edu/system"], "only a loopback test daemon"),
         (["--uri", "test:///default", "--ssh-ports", "22000-21000"], "SSH ports are a range"),
         (["--uri", "test:///default", "--ssh-ports", "many"], "--ssh-ports is MIN-MAX"),
+        (
+            [
+                "--uri",
+                "test:///default",
+                "--console-ssh",
+                "root@127.0.0.1:1",
+                "--console-ssh-host-key",
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA",
+            ],
+            "console channel does not work: console channel to root@127.0.0.1:1",
+        ),
+        (
+            ["--uri", "test:///default", "--console-ssh", "hv9.example.edu"],
+            "console channel does not work: console SSH address",
+        ),
     ],
 )
 def test_register_host_saves_nothing_when_a_check_fails(arguments, message):

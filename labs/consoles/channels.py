@@ -14,7 +14,7 @@ import time
 from channels.consumer import AsyncConsumer
 from channels.layers import get_channel_layer
 
-from labs.consoles import leases, rules, tickets
+from labs.consoles import leases, rules, tickets, tunnel
 from labs.consoles.rfb import (
     ClientStreamFilter,
     RfbProtocolError,
@@ -173,7 +173,9 @@ class ConsoleConsumer(AsyncConsumer):
             self._filter = ClientStreamFilter(drop_input=True)
         endpoint = target.endpoint
         try:
-            if endpoint.socket:
+            if endpoint.ssh is not None:
+                opening = tunnel.open_unix(endpoint.ssh, endpoint.socket)
+            elif endpoint.socket:
                 opening = asyncio.open_unix_connection(endpoint.socket)
             else:
                 opening = asyncio.open_connection(endpoint.host, endpoint.port)

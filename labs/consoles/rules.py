@@ -26,6 +26,7 @@ from django.utils import timezone
 from labs import access
 from labs.choices import DesiredState, ObservedState
 from labs.consoles.tickets import SUBPROTOCOL_PREFIX, Ticket, session_hash
+from labs.consoles.tunnel import SshRoute
 from labs.models import ConsoleSession, Host, Vm
 
 
@@ -114,6 +115,7 @@ class VncEndpoint:
     host: str = ""
     port: int | None = None
     socket: str = ""
+    ssh: SshRoute | None = None  # the socket is on another host, through this channel
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,17 @@ def vnc_endpoint_of(*, vm: Vm, beside_host: bool = False) -> VncEndpoint:
     ``beside_host``: the caller runs on the VM's hypervisor (``manage.py console_proxy
     --host``), whose loopback is its own whatever the host's URI says.
     """
+    if vm.host is not None and vm.host.console_ssh and not beside_host:
+        # Another host's socket, through an SSH channel to it (consoles/tunnel.py).
+        if not vm.vnc_socket.startswith("/"):
+            raise ConsoleDenied("VM on a remote host has no VNC socket recorded")
+        if not vm.host.console_ssh_host_key:
+            raise ConsoleDenied("VM's host has no pinned SSH host key for its consoles")
+        try:
+            route = SshRoute.parse(vm.host.console_ssh, vm.host.console_ssh_host_key)
+        except ValueError as error:
+            raise ConsoleDenied(str(error)) from None
+        return VncEndpoint(socket=vm.vnc_socket, ssh=route)
     if vm.host is None or not (beside_host or _is_local(vm.host)):
         raise ConsoleDenied("VM's host is remote: no console tunnel configured")
     if vm.vnc_socket:

@@ -24,10 +24,10 @@ def tty1_text(key: Path, port: int) -> str:
     return ssh(key, port, "sudo cat /dev/vcs1").stdout
 
 
-def guest_screen(domain: str, path: Path) -> tuple[int, int, bytes]:
+def guest_screen(domain: str, path: Path, uri: str = "qemu:///system") -> tuple[int, int, bytes]:
     """The VM's framebuffer as QEMU holds it (libvirt's screenshot), as RGB bytes."""
     subprocess.run(
-        ["virsh", "-q", "-c", "qemu:///system", "screenshot", domain, "--file", str(path)],
+        ["virsh", "-q", "-c", uri, "screenshot", domain, "--file", str(path)],
         check=True,
         capture_output=True,
     )
@@ -87,8 +87,8 @@ CANVAS_RGB = """() => {
 }"""
 
 
-def canvas_matches_guest(page, domain: str, tmp_path: Path) -> bool:
-    width, height, pixels = guest_screen(domain, tmp_path / "screen.ppm")
+def canvas_matches_guest(page, domain: str, tmp_path: Path, uri: str = "qemu:///system") -> bool:
+    width, height, pixels = guest_screen(domain, tmp_path / "screen.ppm", uri)
     canvas = page.evaluate(CANVAS_RGB)
     if (canvas["width"], canvas["height"]) != (width, height):
         return False

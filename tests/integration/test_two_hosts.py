@@ -269,3 +269,73 @@ def test_draining_a_host_moves_its_vms_and_lists_what_stayed(
     running.refresh_from_db()
     assert running.observed_state == ObservedState.RUNNING and running.host == second_host
     wait_for_ssh(key, running.ssh_port, timeout=240)
+
+
+@pytest.mark.sqlite_pass_only
+def test_a_console_on_the_second_host_goes_through_its_ssh_channel(
+    course,
+    alice,
+    ines,
+    qemu_host,
+    second_host,
+    second_host_sshd,
+    debian_template,
+    worker,
+    second_worker,
+    group_keypair,
+    tmp_path,
+):
+    import secrets
+
+    from playwright.sync_api import sync_playwright
+
+    from ..e2e.conftest import CHROMIUM, CHROMIUM_ARGS
+    from .conftest import AsgiServer, _db_env, wait_for
+    from .test_console_browser import canvas_matches_guest, tty1_text
+
+    address, host_key, console_key = second_host_sshd
+    Host.objects.filter(pk=second_host.pk).update(
+        console_ssh=address, console_ssh_host_key=host_key
+    )
+    Host.objects.filter(pk=qemu_host.pk).update(enabled=False)
+    key, public = group_keypair
+    password = secrets.token_urlsafe(12)
+    alice.set_password(password)
+    alice.save()
+    vm, provision = approve_new_group(
+        course, by=alice, reviewer=ines, name="Far", public_key=public
+    )
+    wait_operation(provision, timeout=240)
+    vm.refresh_from_db()
+    assert vm.host == second_host and vm.vnc_socket.startswith("/var/lib/libvirt/qemu/")
+    wait_for_ssh(key, vm.ssh_port, timeout=240)
+    wait_for(lambda: "login:" in tty1_text(key, vm.ssh_port), timeout=60, what="login prompt")
+
+    server = AsgiServer({**_db_env(), "CONSOLE_SSH_KEY": str(console_key)})
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(server.url + "/accounts/login/")
+            page.get_by_label("Username").fill("alice")
+            page.get_by_label("Password").fill(password)
+            page.get_by_role("button", name="Sign in").click()
+            page.goto(f"{server.url}/vms/{vm.pk}/console/")
+            page.locator("#console-status[data-state='connected']").wait_for()
+            wait_for(
+                lambda: canvas_matches_guest(page, vm.domain_name, tmp_path, second_host.uri),
+                timeout=30,
+                what="the canvas to show the second host's guest",
+            )
+            page.locator("#console-screen canvas").click()
+            page.keyboard.type("far42")
+            wait_for(
+                lambda: "login: far42" in tty1_text(key, vm.ssh_port),
+                timeout=20,
+                what="the typed text on the guest's tty1",
+            )
+            browser.close()
+    finally:
+        server.stop()
+    assert "console channel to root@127.0.0.2" in server.log.read_text()

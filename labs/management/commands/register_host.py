@@ -2,6 +2,8 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from labs.choices import VirtType
+from labs.consoles import tunnel
+from labs.consoles.tunnel import SshRoute
 from labs.drivers.base import HypervisorError
 from labs.drivers.registry import driver_at
 from labs.models import Host, Image
@@ -34,6 +36,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--virt-type", choices=VirtType.values, default=VirtType.AUTO, help="kvm, qemu, auto"
         )
+        parser.add_argument(
+            "--console-ssh", default="", help="user@host[:port] for console channels"
+        )
+        parser.add_argument(
+            "--console-ssh-host-key", default="", help="the host's SSH public key line"
+        )
 
     def handle(self, *args, name, uri, ssh_ports, storage_dir, **options):
         low, high = _port_range(ssh_ports)
@@ -45,6 +53,8 @@ class Command(BaseCommand):
             "ssh_port_min": low,
             "ssh_port_max": high,
             "virt_type": options["virt_type"],
+            "console_ssh": options["console_ssh"],
+            "console_ssh_host_key": options["console_ssh_host_key"],
         }
         probe = Host(name=name, uri=uri, **fields)
         try:
@@ -62,10 +72,22 @@ class Command(BaseCommand):
         self.stdout.write(f"  storage directory {storage_dir}: ready")
         for path, state in found.items():
             self.stdout.write(f"  base image {path}: {state}")
-        self.stdout.write(
-            "  consoles: VMs on a host whose VNC sockets this web process cannot reach do "
-            "not open in the browser yet (docs/deploy.md, 'Consoles of VMs on other hosts')"
-        )
+        if fields["console_ssh"]:
+            try:
+                route = SshRoute.parse(fields["console_ssh"], fields["console_ssh_host_key"])
+                tunnel.check(route)
+            except (ValueError, OSError) as error:
+                raise CommandError(
+                    f"Host {name}'s console channel does not work: {error}"
+                ) from None
+            self.stdout.write(
+                f"  consoles: through SSH to {fields['console_ssh']} (host key pinned)"
+            )
+        else:
+            self.stdout.write(
+                "  consoles: from this web host's own VNC sockets (no --console-ssh; "
+                "docs/deploy.md, 'Consoles of VMs on other hosts')"
+            )
         try:
             host = host_register(name=name, uri=uri, **fields)
         except ValidationError as error:
