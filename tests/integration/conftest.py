@@ -276,7 +276,9 @@ def second_host_sshd(second_libvirtd):
         f"PidFile {home}/sshd.pid\nAuthorizedKeysFile {home}/authorized_keys\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "AllowTcpForwarding no\nAllowStreamLocalForwarding local\nX11Forwarding no\n"
+        # OpenSSH lets a socket forward through only where local TCP forwards are allowed
+        # too (one permission set for both): docs/deploy.md says what that means.
+        "AllowTcpForwarding local\nAllowStreamLocalForwarding local\nX11Forwarding no\n"
         "PermitTTY no\nAllowAgentForwarding no\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
