@@ -324,11 +324,19 @@ def move_live(
                     raise error
             raise error
     except BaseException:
-        log.warning(
-            "live move of %s to %s failed; removing what was made there", target.name, dst.host
-        )
-        with suppress(Exception):
-            dst._remove(target)
+        if _still_on(src, source):
+            log.warning(
+                "live move of %s to %s failed; removing what was made there",
+                target.name,
+                dst.host,
+            )
+            with suppress(Exception):
+                dst._remove(target)
+        else:
+            # The migration got far enough that the source no longer has the domain: the
+            # destination's copy is the VM now, never to be removed here (a retry of the
+            # move finds it there and records it).
+            log.error("live move of %s to %s failed after the switch", target.name, dst.host)
         raise
     moved = outcome["domain"]
     done = time.monotonic()
@@ -345,6 +353,15 @@ def move_live(
             timings["memory_iterations"] = float(completed["memory_iteration"])
     log.info("live-moved %s from %s to %s: %s", source.name, src.host, dst.host, timings)
     return timings
+
+
+def _still_on(driver: LibvirtDriver, spec: VmSpec) -> bool:
+    """Whether the source still holds the domain; False when it cannot tell, so that the
+    destination's copy, which may be the only one, is kept."""
+    try:
+        return driver._own_domain(spec) is not None
+    except Exception:  # noqa: BLE001 - unknown: the safe answer keeps the destination
+        return False
 
 
 def _progress_text(stats: dict) -> str:
