@@ -37,6 +37,18 @@ def _answer(key, port: int, command: str) -> str:
     raise AssertionError(f"{command!r} failed in the guest: {result.stderr}")
 
 
+def _provisioned_on_first(course, alice, ines, second_host, *, name, public_key):
+    """A group's VM provisioned on the first host (the second takes none meanwhile)."""
+    Host.objects.filter(pk=second_host.pk).update(enabled=False)
+    vm, provision = approve_new_group(
+        course, by=alice, reviewer=ines, name=name, public_key=public_key
+    )
+    wait_operation(provision, timeout=240)
+    Host.objects.filter(pk=second_host.pk).update(enabled=True)
+    vm.refresh_from_db()
+    return vm
+
+
 def _domains(uri: str) -> list[str]:
     names = virsh_on(uri, "list", "--all", "--name").stdout.split()
     return [n for n in names if n.startswith(PREFIX)]
@@ -109,13 +121,7 @@ def test_a_stopped_vm_moves_to_the_other_host_with_its_snapshots_and_reverts_the
     second_storage_dir,
 ):
     key, public = group_keypair
-    Host.objects.filter(pk=second_host.pk).update(enabled=False)  # placed on the first host
-    vm, provision = approve_new_group(
-        course, by=alice, reviewer=ines, name="Mover", public_key=public
-    )
-    wait_operation(provision, timeout=240)
-    Host.objects.filter(pk=second_host.pk).update(enabled=True)
-    vm.refresh_from_db()
+    vm = _provisioned_on_first(course, alice, ines, second_host, name="Mover", public_key=public)
     assert vm.host == qemu_host
     old_port = vm.ssh_port
     wait_for_ssh(key, old_port, timeout=240)
@@ -180,13 +186,7 @@ def test_a_running_vm_moves_live_and_its_processes_live_on(
     second_storage_dir,
 ):
     key, public = group_keypair
-    Host.objects.filter(pk=second_host.pk).update(enabled=False)
-    vm, provision = approve_new_group(
-        course, by=alice, reviewer=ines, name="Live", public_key=public
-    )
-    wait_operation(provision, timeout=240)
-    Host.objects.filter(pk=second_host.pk).update(enabled=True)
-    vm.refresh_from_db()
+    vm = _provisioned_on_first(course, alice, ines, second_host, name="Live", public_key=public)
     old_port = vm.ssh_port
     wait_for_ssh(key, old_port, timeout=240)
     boot_id = ssh(key, old_port, BOOT_ID).stdout.strip()

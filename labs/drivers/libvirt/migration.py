@@ -106,13 +106,35 @@ def _snapshots_parents_first(dom: libvirt.virDomain) -> list[libvirt.virDomainSn
     return ordered
 
 
-def _moved_snapshot_xml(xml: str, source: VmSpec, target: VmSpec) -> str:
-    """A snapshot's metadata as it reads on the destination: its saved domain forwards
-    the destination's SSH port and names the destination's storage directory."""
+def _as_on_destination(xml: str, source: VmSpec, target: VmSpec) -> str:
+    """A domain's XML (or a snapshot's, which holds one) as it reads on the destination:
+    it forwards the destination's SSH port and names the destination's storage directory."""
     old_forward = f"hostfwd=tcp:127.0.0.1:{source.ssh_port}-:"
     new_forward = f"hostfwd=tcp:127.0.0.1:{target.ssh_port}-:"
     xml = xml.replace(old_forward, new_forward)
     return xml.replace(f"{source.storage_dir.rstrip('/')}/", f"{target.storage_dir.rstrip('/')}/")
+
+
+def _same_base(src: LibvirtDriver, dst: LibvirtDriver, source: VmSpec, target: VmSpec):
+    """The destination's base image volume, after checking its bytes are the source's."""
+    src_base, dst_base = src._checked_base(source), dst._checked_base(target)
+    if volume_sha256(src, src_base) != volume_sha256(dst, dst_base):
+        raise HypervisorError(
+            f"base image {target.base_image} on host {dst.host} differs from the one on host "
+            f"{src.host}: copy the same image there first (sha256 must match)"
+        )
+    return dst_base
+
+
+def _fresh_overlay(dst: LibvirtDriver, pool, target: VmSpec, *, capacity: int, backing: str):
+    """An empty overlay for ``target`` on ``backing`` (any older one of its name removed)."""
+    with dst._errors(f"creating the disk of {target.name}"):
+        stale = dst._volume(pool, target.overlay_name)
+        if stale is not None:
+            stale.delete(0)
+        return pool.createXML(
+            volume_xml(target.overlay_name, capacity=capacity, fmt="qcow2", backing=backing), 0
+        )
 
 
 def copy_offline(
@@ -148,13 +170,7 @@ def copy_offline(
         raise HypervisorError(f"the disk of VM {source.name} is missing on host {src.host}")
 
     report(f"checking the base image on {dst.host}")
-    src_base = src._checked_base(source)
-    dst_base = dst._checked_base(target)
-    if volume_sha256(src, src_base) != volume_sha256(dst, dst_base):
-        raise HypervisorError(
-            f"base image {target.base_image} on host {dst.host} differs from the one on host "
-            f"{src.host}: copy the same image there first (sha256 must match)"
-        )
+    dst_base = _same_base(src, dst, source, target)
     checked = time.monotonic()
 
     if dst._own_domain(target) is not None:  # an interrupted move's leftovers: start over
@@ -162,17 +178,9 @@ def copy_offline(
         dst._remove(target)
     try:
         pool = dst._pool_for(target.storage_dir, create=True)
-        with dst._errors(f"creating the disk of {target.name}"):
-            stale = dst._volume(pool, target.overlay_name)
-            if stale is not None:
-                stale.delete(0)
-            capacity = overlay.info()[1]
-            copy = pool.createXML(
-                volume_xml(
-                    target.overlay_name, capacity=capacity, fmt="qcow2", backing=dst_base.path()
-                ),
-                0,
-            )
+        copy = _fresh_overlay(
+            dst, pool, target, capacity=overlay.info()[1], backing=dst_base.path()
+        )
         with src._errors(f"copying the disk of {source.name}"):
             copied = _copy_volume(src, overlay, dst, copy, report)
         copied_at = time.monotonic()
@@ -187,7 +195,7 @@ def copy_offline(
                 flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
                 if current:
                     flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
-                moved.snapshotCreateXML(_moved_snapshot_xml(snapshot_xml, source, target), flags)
+                moved.snapshotCreateXML(_as_on_destination(snapshot_xml, source, target), flags)
             held = sorted(s.getName() for s in moved.listAllSnapshots(0))
         if held != sorted(name for name, _, _ in snapshots):
             raise HypervisorError(f"host {dst.host} holds snapshots {held} after the move")
@@ -268,34 +276,17 @@ def move_live(
     if overlay is None:
         raise HypervisorError(f"the disk of VM {source.name} is missing on host {src.host}")
     report(f"checking the base image on {dst.host}")
-    src_base, dst_base = src._checked_base(source), dst._checked_base(target)
-    if volume_sha256(src, src_base) != volume_sha256(dst, dst_base):
-        raise HypervisorError(
-            f"base image {target.base_image} on host {dst.host} differs from the one on host "
-            f"{src.host}: copy the same image there first (sha256 must match)"
-        )
+    dst_base = _same_base(src, dst, source, target)
     if dst._own_domain(target) is not None:
         dst._remove(target)  # an interrupted move's leftovers: start over
     checked = time.monotonic()
     outcome: dict[str, object] = {}
     try:
         pool = dst._pool_for(target.storage_dir, create=True)
-        with dst._errors(f"creating the disk of {target.name}"):
-            stale = dst._volume(pool, target.overlay_name)
-            if stale is not None:
-                stale.delete(0)
-            pool.createXML(
-                volume_xml(
-                    target.overlay_name,
-                    capacity=overlay.info()[1],
-                    fmt="qcow2",
-                    backing=dst_base.path(),
-                ),
-                0,
-            )
+        _fresh_overlay(dst, pool, target, capacity=overlay.info()[1], backing=dst_base.path())
         dst._write_seed(pool, target, seed_iso)
         params = {
-            libvirt.VIR_MIGRATE_PARAM_DEST_XML: _moved_snapshot_xml(xml, source, target),
+            libvirt.VIR_MIGRATE_PARAM_DEST_XML: _as_on_destination(xml, source, target),
             libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"],
         }
         address = _migration_address(dst)
