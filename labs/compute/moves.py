@@ -21,7 +21,7 @@ from django.db import transaction
 
 from labs import access
 from labs.access import Action
-from labs.choices import ACTIVE_OPERATION_STATUSES, HostState, ObservedState, OperationKind
+from labs.choices import HostState, ObservedState, OperationKind
 from labs.compute import dispatch, placement, ssh_access
 from labs.compute.records import (
     NO_CONSOLE,
@@ -75,17 +75,7 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
 
 def _free_port(host: Host) -> int | None:
     """A port of ``host`` that no VM there holds and no move to it has taken."""
-    taken = set(
-        Vm.objects.filter(host=host, ssh_port__isnull=False).values_list("ssh_port", flat=True)
-    )
-    for op in Operation.objects.filter(
-        kind=OperationKind.MOVE, status__in=ACTIVE_OPERATION_STATUSES
-    ).only("params"):
-        if op.params.get("host") == host.pk:
-            taken.add(op.params.get("ssh_port"))
-    return next(
-        (p for p in range(host.ssh_port_min, host.ssh_port_max + 1) if p not in taken), None
-    )
+    return placement._free_ssh_port(host, placement._ports_taken([host])[host.pk])
 
 
 def move(op: Operation) -> None:

@@ -15,8 +15,14 @@ from django.db import transaction
 from django.db.models import Count, Q, Sum, Value
 from django.db.models.functions import Coalesce
 
-from labs.choices import DesiredState, HostState, PlacementPolicy
-from labs.models import Course, Host, Vm
+from labs.choices import (
+    ACTIVE_OPERATION_STATUSES,
+    DesiredState,
+    HostState,
+    OperationKind,
+    PlacementPolicy,
+)
+from labs.models import Course, Host, Operation, Vm
 
 RESOURCES = ("vcpus", "memory_mib", "disk_gib")
 
@@ -95,12 +101,19 @@ UP = Q(enabled=True, draining=False, unreachable_since__isnull=True)
 
 
 def _ports_taken(hosts: list[Host]) -> dict[int, set[int]]:
-    """The SSH ports in use on each of the hosts, in one query."""
+    """The SSH ports in use on each of the hosts, or taken there by a move on its way
+    (labs.compute.moves records the port in the operation's parameters), in two queries."""
     taken: dict[int, set[int]] = {h.pk: set() for h in hosts}
     # order_by(): no Meta ordering, which would join groups and courses to sort the lot.
     rows = Vm.objects.filter(host__in=hosts, ssh_port__isnull=False).order_by()
     for host_id, port in rows.values_list("host_id", "ssh_port"):
         taken[host_id].add(port)
+    moving = Operation.objects.filter(
+        kind=OperationKind.MOVE, status__in=ACTIVE_OPERATION_STATUSES
+    ).values_list("params", flat=True)
+    for params in moving:
+        if params.get("host") in taken:
+            taken[params["host"]].add(params.get("ssh_port"))
     return taken
 
 
@@ -155,7 +168,7 @@ def vm_place(*, vm: Vm) -> bool:
     fits. Ties go to the first by name. A group's VMs placed apart say so on the VM.
 
     Returns False (and says why on the VM) when no host is up or none has room; the VM
-    then waits and the reconcile loop tries again. Six queries, however many hosts.
+    then waits and the reconcile loop tries again. Seven queries, however many hosts.
     """
     with transaction.atomic():
         # Lock the hosts that are up: two placements at once see each other's VMs.

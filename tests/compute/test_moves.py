@@ -137,3 +137,18 @@ def test_a_ta_gets_no_move_in_the_admin(client_for, make_vm, group_a, h2, tara):
     )
     assert "Only the course&#x27;s instructors and operators move VMs" in response.content.decode()
     assert not Operation.objects.exists()
+
+
+def test_a_new_vm_is_not_given_the_port_a_move_on_its_way_has_taken(
+    stopped, h2, ines, group_b, sent
+):
+    from labs.compute.placement import vm_place
+    from labs.models import Vm
+
+    Host.objects.exclude(pk=h2.pk).update(enabled=False)
+    move = vm_move_request(vm=stopped, to=h2, by=ines)
+    assert move.params["ssh_port"] == 23000
+    vm = Vm.objects.create(
+        group=group_b, name="vm9", image=stopped.image, vcpus=1, memory_mib=1024, disk_gib=10
+    )
+    assert vm_place(vm=vm) and vm.host == h2 and vm.ssh_port == 23001
