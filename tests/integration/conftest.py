@@ -380,7 +380,13 @@ def wait_operation(op: Operation, *, timeout: float = 120) -> Operation:
 
 
 def ssh(
-    key: Path, port: int, command: str, *, timeout: float = 20, user: str = "student"
+    key: Path,
+    port: int,
+    command: str,
+    *,
+    timeout: float = 20,
+    user: str = "student",
+    input: str | None = None,
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -402,6 +408,7 @@ def ssh(
             f"{user}@127.0.0.1",
             command,
         ],
+        input=input,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -419,11 +426,15 @@ def wait_for_ssh(key: Path, port: int, *, timeout: float = 240) -> str:
     return wait_for(attempt, timeout=timeout, interval=2, what=f"SSH on 127.0.0.1:{port}")
 
 
-@pytest.fixture
-def group_keypair(tmp_path) -> tuple[Path, str]:
-    key = tmp_path / "group_key"
+def keypair(key: Path) -> tuple[Path, str]:
+    """A fresh ed25519 key at ``key``: its path and its public line."""
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     return key, key.with_suffix(".pub").read_text()
+
+
+@pytest.fixture
+def group_keypair(tmp_path) -> tuple[Path, str]:
+    return keypair(tmp_path / "group_key")
 
 
 class AsgiServer:

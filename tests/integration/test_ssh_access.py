@@ -14,19 +14,11 @@ from labs.compute.requests import vm_operation_request
 from labs.models import Operation, Vm
 from labs.people.groups import group_key_replace, membership_group_set
 
-from .conftest import approve_new_group, ssh, wait_for, wait_for_ssh, wait_operation
+from .conftest import approve_new_group, keypair, ssh, wait_for, wait_for_ssh, wait_operation
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
-
-
-def _new_keypair(tmp_path, name):
-    import subprocess
-
-    key = tmp_path / name
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key, key.with_suffix(".pub").read_text()
 
 
 def _last_sync(vm: Vm, after: int) -> Operation:
@@ -37,17 +29,25 @@ def _last_sync(vm: Vm, after: int) -> Operation:
     return wait_operation(made(), timeout=180)
 
 
-def _logs_in(key, port, user) -> bool:
-    """True when ``user`` logs in with ``key``, False when sshd refuses it; a connection
-    that failed otherwise (a guest slow to answer under TCG) is tried again, so that
-    neither answer can come from a timeout."""
+def _answer(key, port, command="true", user="student"):
+    """``command`` run as ``user`` with ``key``: sshd's own answer, whether it let the user in
+    or refused them. A connection that failed otherwise (ssh's 255 without a refusal: a guest
+    slow to answer under TCG) is tried again, so that no answer can come from a timeout."""
     for _ in range(4):
-        result = ssh(key, port, "true", user=user, timeout=60)
-        if result.returncode == 0:
-            return True
-        if "Permission denied" in result.stderr:
-            return False
+        result = ssh(key, port, command, user=user, timeout=60)
+        if result.returncode != 255 or "Permission denied" in result.stderr:
+            return result
     raise AssertionError(f"ssh as {user} neither logged in nor was refused: {result.stderr}")
+
+
+def _logs_in(key, port, user) -> bool:
+    return _answer(key, port, user=user).returncode == 0
+
+
+def _boot_id(key, port) -> str:
+    result = _answer(key, port, BOOT_ID)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
 
 
 @pytest.mark.sqlite_pass_only
@@ -62,7 +62,7 @@ def test_ssh_access_follows_members_and_key_without_a_reset(
     vm.refresh_from_db()
     port = vm.ssh_port
     wait_for_ssh(old_key, port)
-    boot_id = ssh(old_key, port, BOOT_ID).stdout.strip()
+    boot_id = _boot_id(old_key, port)
     assert _logs_in(old_key, port, "bob") and _logs_in(old_key, port, "alice")
     wait_operation(
         vm_operation_request(
@@ -79,7 +79,7 @@ def test_ssh_access_follows_members_and_key_without_a_reset(
     assert _logs_in(old_key, port, "alice") and _logs_in(old_key, port, "student")
 
     # The key is replaced (bob may still hold the old one): it stops working everywhere.
-    new_key, new_public = _new_keypair(tmp_path, "new_key")
+    new_key, new_public = keypair(tmp_path / "new_key")
     group_key_replace(group=vm.group, by=alice, ssh_public_key=new_public)
     op = _last_sync(vm, op.pk)
     assert op.status == OperationStatus.SUCCEEDED, op.error
@@ -91,7 +91,7 @@ def test_ssh_access_follows_members_and_key_without_a_reset(
     membership_group_set(membership=carol.memberships.get(), group=vm.group, by=ines)
     op = _last_sync(vm, op.pk)
     assert op.status == OperationStatus.SUCCEEDED, op.error
-    result = ssh(new_key, port, "sudo -n id -u", user="carol")
+    result = _answer(new_key, port, "sudo -n id -u", user="carol")
     assert result.returncode == 0 and result.stdout.strip() == "0", result.stderr
 
     # A revert brings back the disk of before (bob, the old key): the update follows it.
@@ -106,7 +106,7 @@ def test_ssh_access_follows_members_and_key_without_a_reset(
     assert not _logs_in(old_key, port, "student")
     assert _logs_in(new_key, port, "carol")
 
-    assert ssh(new_key, port, BOOT_ID).stdout.strip() == boot_id  # never reset nor rebooted
+    assert _boot_id(new_key, port) == boot_id  # never reset nor rebooted
     vm.refresh_from_db()
     assert not vm.ssh_sync_due
     assert vm.ssh_accounts == ["student", "alice", "bob", "carol"]  # bob: to keep disabled
