@@ -39,7 +39,7 @@ REPORT_EVERY = 5  # percent of the copy between two progress reports
 def volume_sha256(driver: LibvirtDriver, volume: libvirt.virStorageVol) -> str:
     """The SHA-256 of a volume's bytes, read through libvirt (a remote host's too)."""
     digest = hashlib.sha256()
-    with driver._errors(f"reading {volume.path()}"):
+    with driver._errors("reading a volume for its checksum"):
         stream = driver._conn.newStream(0)
         volume.download(stream, 0, 0, 0)
         try:
@@ -126,9 +126,16 @@ def _same_base(src: LibvirtDriver, dst: LibvirtDriver, source: VmSpec, target: V
     return dst_base
 
 
-def _fresh_overlay(dst: LibvirtDriver, pool, target: VmSpec, *, capacity: int, backing: str):
-    """An empty overlay for ``target`` on ``backing`` (any older one of its name removed)."""
+def _fresh_overlay(dst: LibvirtDriver, pool, target: VmSpec, *, like, base):
+    """An empty overlay for ``target`` on the destination's ``base`` volume, as large as
+    the source's overlay (``like``: its driver and volume); any older one of its name is
+    removed. Every call on a volume goes through its host's error mapping: a host that
+    died midway is "did not answer" (the move is tried again), never an internal error."""
+    src, overlay = like
+    with src._errors(f"reading the disk of {target.name}"):
+        capacity = overlay.info()[1]
     with dst._errors(f"creating the disk of {target.name}"):
+        backing = base.path()
         stale = dst._volume(pool, target.overlay_name)
         if stale is not None:
             stale.delete(0)
@@ -178,17 +185,15 @@ def copy_offline(
         dst._remove(target)
     try:
         pool = dst._pool_for(target.storage_dir, create=True)
-        copy = _fresh_overlay(
-            dst, pool, target, capacity=overlay.info()[1], backing=dst_base.path()
-        )
+        copy = _fresh_overlay(dst, pool, target, like=(src, overlay), base=dst_base)
         with src._errors(f"copying the disk of {source.name}"):
             copied = _copy_volume(src, overlay, dst, copy, report)
         copied_at = time.monotonic()
         report("writing cloud-init seed")
         seed = dst._write_seed(pool, target, seed_iso)
         report(f"defining VM on {dst.host}")
-        xml = build_domain_xml(target, overlay_path=copy.path(), seed_path=seed.path())
         with dst._errors(f"defining VM {target.name}"):
+            xml = build_domain_xml(target, overlay_path=copy.path(), seed_path=seed.path())
             moved = dst._conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
             for name, snapshot_xml, current in snapshots:
                 report(f"redefining snapshot {name}")
@@ -283,7 +288,7 @@ def move_live(
     outcome: dict[str, object] = {}
     try:
         pool = dst._pool_for(target.storage_dir, create=True)
-        _fresh_overlay(dst, pool, target, capacity=overlay.info()[1], backing=dst_base.path())
+        _fresh_overlay(dst, pool, target, like=(src, overlay), base=dst_base)
         dst._write_seed(pool, target, seed_iso)
         params = {
             libvirt.VIR_MIGRATE_PARAM_DEST_XML: _as_on_destination(xml, source, target),
