@@ -27,7 +27,6 @@ from labs.compute.records import (
     NO_CONSOLE,
     operation_progress,
     vm_console_record,
-    vm_consoles_close,
     vm_observe,
 )
 from labs.drivers.base import DomainMissing
@@ -101,9 +100,9 @@ def move(op: Operation) -> None:
             log.info("%s already runs on %s: finishing its move", vm.domain_name, target_host)
         else:
             seed = vm_seed(vm, ssh_access.access_wanted(vm))
+            # Open consoles stay on the source while it runs; at the switch its QEMU ends
+            # and they connect again to the destination (rules.moved_to, CloseCode.MOVED).
             copy = src.move_live if live else src.copy_offline
-            if live:
-                vm_consoles_close(vm, f"the VM is moving to {target_host.name}")
             timings = copy(dst, source=source, target=target, seed_iso=seed, progress=report)
             op.params = {**op.params, "timings": {k: round(v, 2) for k, v in timings.items()}}
             Operation.objects.filter(pk=op.pk).update(params=op.params)
@@ -112,12 +111,16 @@ def move(op: Operation) -> None:
             host=target_host, ssh_port=target.ssh_port, **NO_CONSOLE
         )
         log.info("%s moved from %s to %s", vm.domain_name, source_host.name, target_host.name)
+        if live:  # at once: the consoles that followed the move are knocking already
+            vm_console_record(vm, dst)
+        events.vm_changed(vm=vm)  # the group's page shows the new SSH line
     report(f"removing the old copy from {source_host.name}")
     src.delete(source)
     vm = Vm.objects.select_related("host", "group").get(pk=vm.pk)
     moved = f"Moved from {source_host.name} to {target_host.name}."
     if live:
-        vm_console_record(vm, dst)
+        if not vm.vnc_socket and not vm.vnc_port:  # a retry past the switch
+            vm_console_record(vm, dst)
         vm_observe(vm, ObservedState.RUNNING, moved)
     else:
         vm_observe(vm, ObservedState.SHUTOFF, moved)

@@ -58,6 +58,7 @@ class ConsoleConsumer(AsyncConsumer):
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._server_watch = ServerStreamWatcher(expected_name="")
+        self._host_name = ""  # the host the VNC connection went to
         self._filter: ClientStreamFilter | None = None
         self._limits = rules.Limits(max_frame=0, idle_timeout=0.0, max_session=0.0)
         self._started = 0.0
@@ -169,6 +170,7 @@ class ConsoleConsumer(AsyncConsumer):
         await self._session_check()
         self._limits = rules.Limits.now()
         self._server_watch = ServerStreamWatcher(expected_name=target.desktop_name)
+        self._host_name = target.host_name
         if self.view_only:
             self._filter = ClientStreamFilter(drop_input=True)
         endpoint = target.endpoint
@@ -251,7 +253,19 @@ class ConsoleConsumer(AsyncConsumer):
         except Exception:
             log.exception("console session %s: reader failed", self._session_id)
             reason, code = "server error", CloseCode.SERVER_ERROR
-        self._close(reason, code=code)
+        browser_reason = ""
+        if code == CloseCode.NORMAL and self._closing is None:
+            # The VNC server went away: a live move ends the source's QEMU at its switch.
+            # The page connects again, to the VM on its new host.
+            try:
+                moved_to = await rules.amoved_to(vm_id=self.vm_id, host_name=self._host_name)
+            except Exception:
+                log.exception("console session %s: move check failed", self._session_id)
+                moved_to = ""
+            if moved_to:
+                reason = browser_reason = f"moved to {moved_to}"
+                code = CloseCode.MOVED
+        self._close(reason, code=code, browser_reason=browser_reason)
 
     async def _watch(self) -> None:
         """Close the session at the limits (``rules.Limits``: idle, session length)."""

@@ -24,7 +24,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from labs import access
-from labs.choices import DesiredState, ObservedState
+from labs.choices import DesiredState, ObservedState, OperationKind, OperationStatus
 from labs.consoles.tickets import SUBPROTOCOL_PREFIX, Ticket, session_hash
 from labs.consoles.tunnel import SshRoute
 from labs.models import ConsoleSession, Host, Vm
@@ -38,9 +38,10 @@ class CloseCode(IntEnum):
     UNSUPPORTED = 1003  # a text frame
     TOO_BIG = 1009  # a frame over CONSOLE_MAX_FRAME
     SERVER_ERROR = 1011
-    REVOKED = 4001  # the VM stopped, was reset, deleted, migrated; access removed
+    REVOKED = 4001  # the VM stopped, was reset or deleted; access removed
     IDLE = 4002  # no input for CONSOLE_IDLE_TIMEOUT
     SESSION_LIMIT = 4003  # CONSOLE_MAX_SESSION reached
+    MOVED = 4004  # the VM moved live to another host: connect again (reason "moved to <host>")
 
 
 # What the console page says for each code (sent to the page by client_config).
@@ -52,6 +53,7 @@ CLOSE_REASONS = {
     CloseCode.REVOKED: "access ended (the VM stopped or changed, or your access changed)",
     CloseCode.IDLE: "closed after a long time without input",
     CloseCode.SESSION_LIMIT: "the session reached its time limit",
+    CloseCode.MOVED: "the VM moved to another host",
 }
 
 
@@ -217,6 +219,26 @@ def target_for(
     )
 
 
+def moved_to(*, vm_id: int, host_name: str) -> str:
+    """The host a VM's console should follow when its VNC server went away under a session
+    opened on ``host_name``: the VM's host when it is another one now (the move has been
+    recorded), the destination of its running move when there is one (the source's QEMU
+    ends at the switch, before the worker records it); "" when the VM did not move."""
+    vm = Vm.objects.select_related("host").filter(pk=vm_id).first()
+    if vm is None or vm.host is None:
+        return ""
+    if vm.host.name != host_name:
+        return vm.host.name
+    move = (
+        vm.operations.filter(kind=OperationKind.MOVE, status=OperationStatus.RUNNING)
+        .order_by("-pk")
+        .first()
+    )
+    if move is None or not move.params.get("live"):
+        return ""
+    return Host.objects.filter(pk=move.params.get("host")).values_list("name", flat=True).first()
+
+
 # --- limits -----------------------------------------------------------------------------------
 
 
@@ -268,5 +290,6 @@ def session_end(*, session_id: int, bytes_to_vm: int, bytes_from_vm: int, close_
 
 
 atarget_for = database_sync_to_async(target_for)
+amoved_to = database_sync_to_async(moved_to)
 asession_start = database_sync_to_async(session_start)
 asession_end = database_sync_to_async(session_end)

@@ -165,11 +165,33 @@ function retryLater() {
   return true;
 }
 
+// A VM moved live to another host (CloseCode.MOVED, reason "moved to <host>"): the page
+// connects to it there by itself, at short intervals while the move is recorded.
+const MOVED = 4004;
+const MOVE_TRIES = 12;
+let movedTo = ""; // the host of the last move, said until a session there connects
+let following = 0; // reconnection attempts since the move
+
+function followMove() {
+  if (following >= MOVE_TRIES) return false;
+  following += 1;
+  const delay = Math.min(250 * 2 ** (following - 1), 1000);
+  setStatus("connecting", `The VM moved to ${movedTo}; reconnecting…`);
+  window.setTimeout(connect, delay);
+  return true;
+}
+
 function onConnect() {
   connected = true;
   comingBack = 0;
+  following = 0;
   const observing = rfb.viewOnly;
-  setStatus("connected", observing ? "Connected, observing (view only)." : "Connected.");
+  const moved = movedTo ? ` The VM moved to ${movedTo}.` : "";
+  movedTo = "";
+  setStatus(
+    "connected",
+    (observing ? "Connected, observing (view only)." : "Connected.") + moved,
+  );
   if (!observing) rfb.focus({ preventScroll: true }); // the keyboard goes to the VM
 }
 
@@ -178,6 +200,14 @@ function onDisconnect(event) {
   if (typing) typing.cancelled = true;
   const clean = Boolean(event.detail && event.detail.clean);
   const code = closeInfo ? closeInfo.code : 1006;
+  if (connected && code === MOVED) {
+    movedTo = closeInfo.reason.replace(/^moved to /, "") || "another host";
+    following = 0;
+  }
+  if ((code === MOVED || following > 0) && followMove()) {
+    connected = false;
+    return;
+  }
   if ((connected || comingBack > 0) && COMES_BACK.has(code) && retryLater()) {
     connected = false;
     return;
@@ -211,6 +241,7 @@ async function connect() {
     viewOnly = viewOnly || data.view_only === true;
   } catch (error) {
     if (mine !== attempt) return;
+    if (following > 0 && followMove()) return;
     if (comingBack > 0 && error instanceof TicketError && error.transient && retryLater()) return;
     const text = error instanceof TicketError ? error.message : "The console could not start.";
     setStatus("error", text);
@@ -332,6 +363,7 @@ function typeText(text) {
 
 reconnectButton.addEventListener("click", () => {
   comingBack = 0; // a person asked: a fresh round of automatic tries after this one
+  following = 0;
   connect();
 });
 

@@ -23,9 +23,9 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.sessions.models import Session
 from django.test import Client
 
-from labs.choices import DesiredState, GroupStatus, ObservedState
+from labs.choices import DesiredState, GroupStatus, ObservedState, OperationKind, OperationStatus
 from labs.consoles import tickets as consoles
-from labs.models import ConsoleSession, Group, Membership, Vm
+from labs.models import ConsoleSession, Group, Host, Membership, Operation, Vm
 from portal.asgi import application
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
@@ -556,6 +556,44 @@ async def test_the_vnc_server_closing_closes_the_console(cast, vnc):
         assert (await page.closed())["code"] == 1000
     [session] = await console_sessions()
     assert session.close_reason == "VNC closed"
+
+
+@database_sync_to_async
+def _moving(vm, *, status, live=True, recorded=False) -> str:
+    far = Host.objects.create(
+        name="far", uri="qemu+tcp://127.0.0.2/system", vcpus=8, memory_mib=16384, disk_gib=200
+    )
+    params = {"host": far.pk, "from": vm.host_id, "ssh_port": 23000, "live": live}
+    Operation.objects.create(vm=vm, kind=OperationKind.MOVE, status=status, params=params)
+    if recorded:  # the worker has switched the row already
+        Vm.objects.filter(pk=vm.pk).update(host=far)
+    return far.name
+
+
+@pytest.mark.parametrize(
+    "status, recorded", [(OperationStatus.RUNNING, False), (OperationStatus.SUCCEEDED, True)]
+)
+async def test_a_console_whose_vm_moved_live_is_told_where_to(cast, vnc, status, recorded):
+    async with console_of(cast.alice, cast.vm_a) as page:
+        assert await page.read(12) == VERSION
+        far = await _moving(cast.vm_a, status=status, recorded=recorded)
+        vnc.connections[0].writer.close()  # the source's QEMU ends at the switch
+        message = await page.closed()
+        assert (message["code"], message["reason"]) == (4004, f"moved to {far}")
+    [session] = await console_sessions()
+    assert session.close_reason == f"moved to {far}"
+
+
+@pytest.mark.parametrize(
+    "status, live", [(OperationStatus.QUEUED, True), (OperationStatus.RUNNING, False)]
+)
+async def test_a_vnc_server_that_ends_without_a_live_move_is_just_closed(cast, vnc, status, live):
+    async with console_of(cast.alice, cast.vm_a) as page:
+        assert await page.read(12) == VERSION
+        await _moving(cast.vm_a, status=status, live=live)
+        vnc.connections[0].writer.close()
+        message = await page.closed()
+        assert message["code"] == 1000 and not message.get("reason")
 
 
 async def test_text_frames_close_the_console(cast, vnc):

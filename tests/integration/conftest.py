@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from django.db import connection
@@ -248,6 +249,25 @@ def second_libvirtd():
         env={**os.environ, "SECOND_LIBVIRTD_PORT": str(port)},
     )
     shutil.rmtree(state, ignore_errors=True)
+
+
+def second_libvirtd_kill_and_start(uri: str) -> None:
+    """The second host's libvirtd killed (SIGKILL: no shutdown of its own) and started
+    again on the same state and port, as a host whose daemon crashed and was brought back;
+    its QEMUs live on (they do not depend on libvirtd)."""
+    state = Path(f"/var/lib/stratus/test-{RUN}-hv2-state")
+    pid = int((state / "libvirtd.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=20, what="libvirtd to die")
+    port = urlsplit(uri).port
+    started = subprocess.run(
+        [str(ROOT / "scripts" / "second-libvirtd.sh"), "start", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SECOND_LIBVIRTD_PORT": str(port)},
+    )
+    assert started.returncode == 0, started.stderr
 
 
 @pytest.fixture(scope="session")

@@ -7,20 +7,35 @@ the same processes, behind the new host's SSH forward; a drain moves a host's VM
 lists the one that could not go, with the reason.
 """
 
+import secrets
+import subprocess
 import time
 
 import pytest
 
-from labs.choices import ObservedState, OperationKind
+from labs.choices import (
+    ACTIVE_OPERATION_STATUSES,
+    ObservedState,
+    OperationKind,
+    OperationStatus,
+)
 from labs.compute.drain import host_drain
 from labs.compute.moves import vm_move_request
 from labs.compute.requests import vm_operation_request
 from labs.drivers.cloudinit import hostname_for
 from labs.errors import NotAllowed
-from labs.models import Host
+from labs.models import Host, Operation
 from labs.people.groups import group_approve, group_register
 
-from .conftest import PREFIX, approve_new_group, ssh, virsh_on, wait_for_ssh, wait_operation
+from .conftest import (
+    PREFIX,
+    approve_new_group,
+    keypair,
+    ssh,
+    virsh_on,
+    wait_for_ssh,
+    wait_operation,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -47,6 +62,33 @@ def _provisioned_on_first(course, alice, ines, second_host, *, name, public_key)
     Host.objects.filter(pk=second_host.pk).update(enabled=True)
     vm.refresh_from_db()
     return vm
+
+
+def _ssh_args(key, port: int) -> list[str]:
+    return [
+        "ssh", "-i", str(key), "-p", str(port), "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+        "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3", "student@127.0.0.1",
+    ]  # fmt: skip
+
+
+def _signed_in(playwright, server, user, path: str):
+    """Chromium signed in as ``user`` (a fresh password) on ``path``: (browser, page)."""
+    from ..e2e.conftest import CHROMIUM, CHROMIUM_ARGS
+
+    password = secrets.token_urlsafe(12)
+    user.set_password(password)
+    user.save()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.set_default_timeout(30_000)
+    page.goto(server.url + "/accounts/login/")
+    page.get_by_label("Username").fill(user.username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/accounts/login/" not in url)
+    page.goto(server.url + path)
+    return browser, page
 
 
 def _domains(uri: str) -> list[str]:
@@ -172,7 +214,7 @@ def test_a_stopped_vm_moves_to_the_other_host_with_its_snapshots_and_reverts_the
 
 
 @pytest.mark.sqlite_pass_only
-def test_a_running_vm_moves_live_and_its_processes_live_on(
+def test_the_destinations_libvirtd_killed_mid_move_the_move_ends_once_with_everything(
     course,
     alice,
     ines,
@@ -185,30 +227,156 @@ def test_a_running_vm_moves_live_and_its_processes_live_on(
     storage_dir,
     second_storage_dir,
 ):
+    from .conftest import second_libvirtd_kill_and_start, wait_for
+
+    key, public = group_keypair
+    # The disk and its snapshot are on the destination; defining the VM there is next.
+    step = f"defining VM on {second_host.name}"
+    worker.stop()
+    worker.start(STRATUS_FAILPOINTS=f"move:{step}:12")
+    vm = _provisioned_on_first(course, alice, ines, second_host, name="Crash", public_key=public)
+    wait_for_ssh(key, vm.ssh_port, timeout=240)
+    assert ssh(key, vm.ssh_port, "echo kept > mark && sync").returncode == 0
+    wait_operation(
+        vm_operation_request(vm=vm, kind=OperationKind.SNAPSHOT, by=alice, params={"name": "kept"})
+    )
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.STOP, by=alice), timeout=120)
+
+    move = vm_move_request(vm=vm, to=second_host, by=ines)
+
+    def paused():
+        move.refresh_from_db()
+        return move.status == OperationStatus.RUNNING and move.progress == step
+
+    wait_for(paused, timeout=120, interval=0.2, what=f"the move to reach “{step}”")
+    second_libvirtd_kill_and_start(second_host.uri)
+    wait_operation(move, timeout=300)
+
+    # Once: the retry (if the dead connection failed a call) started over on a clean
+    # destination; the VM is there whole, nowhere else, its snapshot with it.
+    assert move.attempts in (1, 2), move.attempts
+    vm.refresh_from_db()
+    assert vm.host == second_host and vm.observed_state == ObservedState.SHUTOFF
+    assert _domains(second_host.uri) == [vm.domain_name]
+    assert _domains(qemu_host.uri) == []
+    assert not list(storage_dir.glob(f"{vm.domain_name}*"))
+    assert sorted(p.name for p in second_storage_dir.iterdir()) == [
+        f"{vm.domain_name}-seed.iso",
+        f"{vm.domain_name}.qcow2",
+    ]
+    listed = virsh_on(second_host.uri, "snapshot-list", vm.domain_name, "--name").stdout.split()
+    assert listed == ["kept"] and list(vm.snapshots.values_list("name", flat=True)) == ["kept"]
+    assert not Operation.objects.filter(status__in=ACTIVE_OPERATION_STATUSES).exists()
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.START, by=alice), timeout=120)
+    wait_for_ssh(key, vm.ssh_port, timeout=240)
+    assert _answer(key, vm.ssh_port, "cat mark") == "kept"
+    print(f"\nmove across a killed libvirtd: {move.attempts} attempt(s)")
+
+    wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
+    assert _domains(second_host.uri) == []
+
+
+@pytest.mark.sqlite_pass_only
+def test_a_running_vm_moves_live_under_its_open_console_and_its_processes_live_on(
+    course,
+    alice,
+    ines,
+    qemu_host,
+    second_host,
+    second_host_sshd,
+    debian_template,
+    worker,
+    second_worker,
+    group_keypair,
+    storage_dir,
+    tmp_path,
+    monkeypatch,
+):
+    from playwright.sync_api import sync_playwright
+
+    from .conftest import AsgiServer, _db_env, wait_for
+    from .test_console_browser import canvas_matches_guest, tty1_text
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # ORM beside Playwright's loop
+    address, host_key, console_key = second_host_sshd
+    Host.objects.filter(pk=second_host.pk).update(
+        console_ssh=address, console_ssh_host_key=host_key
+    )
     key, public = group_keypair
     vm = _provisioned_on_first(course, alice, ines, second_host, name="Live", public_key=public)
     old_port = vm.ssh_port
     wait_for_ssh(key, old_port, timeout=240)
+    wait_for(lambda: "login:" in tty1_text(key, old_port), timeout=60, what="login prompt")
     boot_id = ssh(key, old_port, BOOT_ID).stdout.strip()
     # A process started before the move, still there after it.
     pid = ssh(key, old_port, "setsid sleep 100000 >/dev/null 2>&1 < /dev/null & echo $!").stdout
     pid = pid.strip()
     assert pid.isdigit()
+    # An SSH session through the old forward, talking all along.
+    loop = subprocess.Popen(
+        [*_ssh_args(key, old_port), "while sleep 0.2; do echo tick; done"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert loop.stdout.readline().strip() == "tick"
 
-    move = wait_operation(vm_move_request(vm=vm, to=second_host, by=ines), timeout=300)
-    vm.refresh_from_db()
+    server = AsgiServer({**_db_env(), "CONSOLE_SSH_KEY": str(console_key)})
+    try:
+        with sync_playwright() as p:
+            browser, console = _signed_in(p, server, alice, f"/vms/{vm.pk}/console/")
+            group_page = console.context.new_page()  # the same signed-in browser
+            group_page.goto(f"{server.url}/groups/{vm.group_id}/")
+            ssh_line = group_page.locator(f"#ssh-{vm.pk}")
+            assert f"-p {old_port} " in ssh_line.inner_text()
+            status = console.locator("#console-status")
+            console.locator("#console-status[data-state='connected']").wait_for()
+            assert canvas_matches_guest(console, vm.domain_name, tmp_path, qemu_host.uri)
+
+            move = wait_operation(vm_move_request(vm=vm, to=second_host, by=ines), timeout=300)
+            moved_at = time.monotonic()
+            # The console came back by itself, to the VM on its new host, and says so.
+            console.locator(
+                f"#console-status[data-state='connected']:has-text('moved to {second_host.name}')"
+            ).wait_for()
+            back = time.monotonic() - moved_at
+            assert status.inner_text() == f"Connected. The VM moved to {second_host.name}."
+            wait_for(
+                lambda: canvas_matches_guest(console, vm.domain_name, tmp_path, second_host.uri),
+                timeout=30,
+                what="the canvas to show the guest on its new host",
+            )
+            console.locator("#console-screen canvas").click()
+            console.keyboard.type("moved42")
+            vm.refresh_from_db()
+            wait_for(
+                lambda: "login: moved42" in tty1_text(key, vm.ssh_port),
+                timeout=30,
+                what="the typed text on the guest's tty1",
+            )
+            # The group's page shows the new SSH line, without a reload.
+            wait_for(
+                lambda: f"-p {vm.ssh_port} " in ssh_line.inner_text(),
+                timeout=10,
+                what="the new SSH line on the group's page",
+            )
+            browser.close()
+    finally:
+        server.stop()
+        if loop.poll() is None:
+            loop.kill()
+    # The session through the old forward ended with the old QEMU.
+    assert loop.wait(timeout=30) != 0
     assert vm.host == second_host and vm.observed_state == ObservedState.RUNNING
     assert move.params["live"] is True
     assert second_host.ssh_port_min <= vm.ssh_port <= second_host.ssh_port_max
     assert virsh_on(second_host.uri, "domstate", vm.domain_name).stdout.strip() == "running"
     assert _domains(qemu_host.uri) == []
     assert not list(storage_dir.glob(f"{vm.domain_name}*"))
-    # The old forward went with the old QEMU; the new one reaches the same running guest
-    # (the first connections through a new user-mode forward may still be reset: retried).
-    wait_for_ssh(key, vm.ssh_port, timeout=60)
+    # The new forward reaches the same running guest: the same boot, the same process.
     assert _answer(key, vm.ssh_port, BOOT_ID) == boot_id
     assert _answer(key, vm.ssh_port, f"kill -0 {pid} && echo alive") == "alive"
-    print(f"\nlive move: {move.params['timings']}")
+    print(f"\nlive move: {move.params['timings']}, console back after {back:.2f} s")
 
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
     assert _domains(second_host.uri) == []
@@ -297,24 +465,20 @@ def test_a_console_on_the_second_host_goes_through_its_ssh_channel(
     second_worker,
     group_keypair,
     tmp_path,
+    monkeypatch,
 ):
-    import secrets
-
     from playwright.sync_api import sync_playwright
 
-    from ..e2e.conftest import CHROMIUM, CHROMIUM_ARGS
     from .conftest import AsgiServer, _db_env, wait_for
     from .test_console_browser import canvas_matches_guest, tty1_text
 
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # ORM beside Playwright's loop
     address, host_key, console_key = second_host_sshd
     Host.objects.filter(pk=second_host.pk).update(
         console_ssh=address, console_ssh_host_key=host_key
     )
     Host.objects.filter(pk=qemu_host.pk).update(enabled=False)
     key, public = group_keypair
-    password = secrets.token_urlsafe(12)
-    alice.set_password(password)
-    alice.save()
     vm, provision = approve_new_group(
         course, by=alice, reviewer=ines, name="Far", public_key=public
     )
@@ -327,14 +491,7 @@ def test_a_console_on_the_second_host_goes_through_its_ssh_channel(
     server = AsgiServer({**_db_env(), "CONSOLE_SSH_KEY": str(console_key)})
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(30_000)
-            page.goto(server.url + "/accounts/login/")
-            page.get_by_label("Username").fill("alice")
-            page.get_by_label("Password").fill(password)
-            page.get_by_role("button", name="Sign in").click()
-            page.goto(f"{server.url}/vms/{vm.pk}/console/")
+            browser, page = _signed_in(p, server, alice, f"/vms/{vm.pk}/console/")
             page.locator("#console-status[data-state='connected']").wait_for()
             wait_for(
                 lambda: canvas_matches_guest(page, vm.domain_name, tmp_path, second_host.uri),
@@ -352,3 +509,38 @@ def test_a_console_on_the_second_host_goes_through_its_ssh_channel(
     finally:
         server.stop()
     assert "console channel to root@127.0.0.2" in server.log.read_text()
+
+
+@pytest.mark.sqlite_pass_only
+def test_registering_a_host_checks_its_console_channel_before_saving(
+    qemu_host, second_libvirtd, second_host_sshd, debian_template, settings, tmp_path
+):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    address, host_key, console_key = second_host_sshd
+    settings.CONSOLE_SSH_KEY = str(console_key)
+    arguments = ["--uri", second_libvirtd, "--storage-dir", str(tmp_path)]
+
+    # Another server's key pinned: refused before anything is sent, nothing saved.
+    impostor = " ".join(keypair(tmp_path / "impostor")[1].split()[:2])
+    with pytest.raises(CommandError, match="console channel does not work"):
+        call_command(
+            "register_host", "hv3", *arguments, "--console-ssh", address,
+            "--console-ssh-host-key", impostor, stdout=StringIO(),
+        )  # fmt: skip
+    assert not Host.objects.filter(name="hv3").exists()
+
+    out = StringIO()
+    call_command(
+        "register_host", "hv3", *arguments, "--console-ssh", address,
+        "--console-ssh-host-key", host_key, stdout=out,
+    )  # fmt: skip
+    assert f"consoles: through SSH to {address} (host key pinned)" in out.getvalue()
+    host = Host.objects.get(name="hv3")
+    assert (host.uri, host.console_ssh, host.console_ssh_host_key) == (
+        second_libvirtd,
+        address,
+        host_key,
+    )
