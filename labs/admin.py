@@ -9,10 +9,13 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html
 
 from labs import access
+from labs.choices import DesiredState
 from labs.compute.moves import vm_move_request
-from labs.compute.placement import host_usage
+from labs.compute.placement import hosts_with_usage, usage_of
 from labs.errors import StratusError, message_of
 from labs.forms import MoveForm, RejectForm
 from labs.models import Course, Group, Host, Image, Membership, Operation, Snapshot, Vm, VmTemplate
@@ -258,6 +261,35 @@ class GroupAdmin(CourseScopedAdmin):
         return done
 
 
+class HostVmInline(admin.TabularInline):
+    """The host's live VMs, read-only: moves go through the move action of the VMs' list."""
+
+    model = Vm
+    fields = ["vm", "observed_state", "desired_state", "vcpus", "memory_mib", "disk_gib"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    verbose_name = "VM on this host"
+    verbose_name_plural = "VMs on this host"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).live().select_related("group")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="VM")
+    def vm(self, obj):
+        return str(obj)
+
+
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
     list_display = [
@@ -267,6 +299,7 @@ class HostAdmin(admin.ModelAdmin):
         "draining",
         "virt_type",
         "network_mode",
+        "vm_count",
         "usage",
         "state",
         "last_seen_at",
@@ -275,15 +308,30 @@ class HostAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "draining", "virt_type", "network_mode"]
     search_fields = ["name", "uri"]
     readonly_fields = ["state", "last_seen_at", "unreachable_since", "last_error"]
+    inlines = [HostVmInline]
+
+    def get_queryset(self, request):
+        # Usage and VM count in the list's one query (a query per row before).
+        return hosts_with_usage(super().get_queryset(request))
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj is not None else []  # a new host holds no VM
 
     @admin.display(description="state")
     def state(self, obj):
         """Up, disabled, draining or "unreachable since 14:03": what placement sees."""
         return obj.state_label
 
+    @admin.display(description="VMs", ordering="live_vms")
+    def vm_count(self, obj):
+        """Its live VMs of every course, linked to the VMs' list filtered by the host."""
+        url = reverse("admin:labs_vm_changelist")
+        query = f"?host__id__exact={obj.pk}&{LiveFilter.parameter_name}=no"
+        return format_html('<a href="{}{}">{}</a>', url, query, obj.live_vms)
+
     @admin.display(description="used / available (vCPU, MiB, GiB)")
     def usage(self, obj):
-        usage = host_usage(host=obj)
+        usage = usage_of(obj)
         parts = (usage.vcpus, usage.memory_mib, usage.disk_gib)
         return ", ".join(f"{used}/{available}" for used, available in parts)
 
@@ -315,6 +363,23 @@ class OperationInline(admin.TabularInline):
         return request.user.is_superuser or _is_course_staff(request)
 
 
+class LiveFilter(admin.SimpleListFilter):
+    """Deleted VMs keep their row (the audit trail) and their last host."""
+
+    title = "deleted"
+    parameter_name = "deleted"
+
+    def lookups(self, request, model_admin):
+        return [("no", "Not deleted"), ("yes", "Deleted")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "no":
+            return queryset.exclude(desired_state=DesiredState.DELETED)
+        if self.value() == "yes":
+            return queryset.filter(desired_state=DesiredState.DELETED)
+        return queryset
+
+
 @admin.register(Vm)
 class VmAdmin(CourseScopedAdmin):
     list_display = [
@@ -325,7 +390,12 @@ class VmAdmin(CourseScopedAdmin):
         "ssh_port",
         "status_message",
     ]
-    list_filter = [("group__course", admin.RelatedOnlyFieldListFilter), "observed_state", "host"]
+    list_filter = [
+        ("group__course", admin.RelatedOnlyFieldListFilter),
+        "observed_state",
+        "host",
+        LiveFilter,
+    ]
     search_fields = ["name", "group__name", "uuid"]
     list_select_related = ["group", "host"]
     # Where the VM runs and how it is reached are what the workers observed: the consoles

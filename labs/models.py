@@ -419,10 +419,16 @@ class Host(models.Model):
         state = self.state
         if state != HostState.UNREACHABLE:
             return state.label.lower()
-        since = timezone.localtime(self.unreachable_since)
-        if since.date() == timezone.localdate():
-            return f"unreachable since {since:%H:%M}"
-        return f"unreachable since {since:%b} {since.day}, {since:%H:%M}"
+        return f"unreachable since {clock(self.unreachable_since)}"
+
+
+def clock(moment) -> str:
+    """A moment for people, in the current time zone: "14:03" today, "Dec 5, 14:03" on
+    another day. Host states and VMs whose host did not answer say "since" with it."""
+    local = timezone.localtime(moment)
+    if local.date() == timezone.localdate():
+        return f"{local:%H:%M}"
+    return f"{local:%b} {local.day}, {local:%H:%M}"
 
 
 class Image(models.Model):
@@ -538,6 +544,19 @@ class Vm(models.Model):
         return self.ssh_wanted_at is not None and (
             self.ssh_synced_at is None or self.ssh_synced_at < self.ssh_wanted_at
         )
+
+    @property
+    def unknown_since(self):
+        """When a VM whose host did not answer became unknown, or None for any other state.
+
+        The host's ``unreachable_since`` (reconcile keeps the first pass that failed, where
+        the VM's ``observed_at`` moves on with every pass); the VM's ``observed_at`` when its
+        host has not been marked unreachable (an operation gave up on it first).
+        """
+        if self.observed_state != ObservedState.UNKNOWN:
+            return None
+        host = self.host
+        return (host.unreachable_since if host is not None else None) or self.observed_at
 
     @property
     def ssh_command(self) -> str:

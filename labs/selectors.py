@@ -134,6 +134,35 @@ class OverviewVm:
     state: str  # ObservedState value
     state_label: str
     activity: str  # the operation in progress, "Shut down: queued", or ""
+    host_name: str = ""  # "" while it waits for a host
+    unknown_since: datetime | None = None  # unknown: since when (``Vm.unknown_since``)
+    activity_reason: str = ""  # why the operation in progress waits (its error), or ""
+
+
+@dataclass(frozen=True)
+class OverviewHostVm:
+    group_id: int
+    vm_id: int
+    label: str  # "Alpha/vm1"
+
+
+@dataclass(frozen=True)
+class OverviewHost:
+    """A host of the Hosts table: its usage and the course's live VMs on it."""
+
+    usage: HostUsage
+    vms: list[OverviewHostVm]  # by group, then name; all of them (``shown_vms``: the first)
+
+    @property
+    def shown_vms(self) -> list[OverviewHostVm]:
+        return self.vms[:HOST_VMS_SHOWN]
+
+    @property
+    def more_vms(self) -> int:
+        return max(len(self.vms) - HOST_VMS_SHOWN, 0)
+
+
+HOST_VMS_SHOWN = 6  # the Hosts table names this many of a host's VMs, then "and N more"
 
 
 @dataclass(frozen=True)
@@ -169,7 +198,7 @@ class CourseOverview:
     groups: list[OverviewGroup]  # every group of the course, by name
     group_counts: list[tuple[str, str, int]]  # (status, label, count), every status
     vm_counts: list[tuple[str, str, int]]  # (observed state, label, count), states present
-    hosts: list[HostUsage]
+    hosts: list[OverviewHost]
     operations: list[OverviewOperation]  # failed first, then newest first
 
     @property
@@ -187,8 +216,9 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
     """Everything the course staff's overview shows, in a fixed number of queries.
 
     Seven queries, however many groups, VMs, hosts and operations: groups (with their
-    last operation by subquery), members, live VMs, operations in progress, the failures
-    still standing, the newest operations and hosts (one grouped query). Rows are read as
+    last operation by subquery), members, live VMs (with their host's name), operations in
+    progress, the failures still standing, the newest operations and hosts (one grouped
+    query; the course's VMs on each come from the live VMs' rows). Rows are read as
     values, not model instances: the page is a hot one (every live update of every open
     overview). It stays one function so that the query count can be read off it.
     """
@@ -209,24 +239,52 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
         .values_list("group_id", "user__username")
     ):
         members[group_id].append(username)
-    activity = {
-        vm_id: f"{_OP_KIND.get(kind, kind)}: {_OP_STATUS.get(status, status).lower()}"
-        + (f" — {note}" if (note := waiting_note(status, send_error, created_at)) else "")
-        for vm_id, kind, status, send_error, created_at in Operation.objects.filter(
-            vm__group__course=course, status__in=ACTIVE_OPERATION_STATUSES
-        ).values_list("vm_id", "kind", "status", "send_error", "created_at")
-    }
+    activity: dict[int, tuple[str, str]] = {}
+    for vm_id, kind, status, progress, error, send_error, created_at in Operation.objects.filter(
+        vm__group__course=course, status__in=ACTIVE_OPERATION_STATUSES
+    ).values_list("vm_id", "kind", "status", "progress", "error", "send_error", "created_at"):
+        text = f"{_OP_KIND.get(kind, kind)}: {_OP_STATUS.get(status, status).lower()}"
+        if progress:
+            text += f" — {progress}"
+        if note := waiting_note(status, send_error, created_at):
+            text += f" — {note}"
+        activity[vm_id] = (text, error)
     vms: dict[int, list[OverviewVm]] = defaultdict(list)
+    on_host: dict[int, list[tuple[int, int, str]]] = defaultdict(list)  # (group, VM, name)
     vm_tally: Counter[str] = Counter()
-    for pk, group_id, name, state in (
+    for pk, group_id, name, state, observed_at, host_id, host_name, host_since in (
         Vm.objects.live()
         .filter(group__course=course)
         .order_by("name", "pk")
-        .values_list("pk", "group_id", "name", "observed_state")
-    ):
-        vms[group_id].append(
-            OverviewVm(pk, name, state, _VM_STATE.get(state, state), activity.get(pk, ""))
+        .values_list(
+            "pk",
+            "group_id",
+            "name",
+            "observed_state",
+            "observed_at",
+            "host_id",
+            "host__name",
+            "host__unreachable_since",
         )
+    ):
+        doing, reason = activity.get(pk, ("", ""))
+        vms[group_id].append(
+            OverviewVm(
+                pk,
+                name,
+                state,
+                _VM_STATE.get(state, state),
+                doing,
+                host_name=host_name or "",
+                # As Vm.unknown_since, from the row's values.
+                unknown_since=(host_since or observed_at)
+                if state == ObservedState.UNKNOWN
+                else None,
+                activity_reason=reason,
+            )
+        )
+        if host_id is not None:
+            on_host[host_id].append((group_id, pk, name))
         vm_tally[state] += 1
     rows = [
         OverviewGroup(
@@ -243,13 +301,27 @@ def course_overview(*, course: Course, operations_limit: int = 50) -> CourseOver
         )
         for pk, name, status, kind, op_status in groups
     ]
+    group_names = {g.pk: g.name for g in rows}
+    hosts = [
+        OverviewHost(
+            usage=usage,
+            vms=[
+                OverviewHostVm(group_id, vm_id, f"{group_names.get(group_id, '?')}/{vm_name}")
+                for group_id, vm_id, vm_name in sorted(
+                    on_host.get(usage.host.pk, []),
+                    key=lambda row: (group_names.get(row[0], ""), row[2]),
+                )
+            ],
+        )
+        for usage in host_usages(course=course)
+    ]
     group_tally = Counter(g.status for g in rows)
     return CourseOverview(
         course=course,
         groups=rows,
         group_counts=[(s, label, group_tally[s]) for s, label in GroupStatus.choices],
         vm_counts=[(s, label, vm_tally[s]) for s, label in ObservedState.choices if vm_tally[s]],
-        hosts=host_usages(course=course),
+        hosts=hosts,
         operations=_operations_failed_first(course=course, limit=operations_limit),
     )
 

@@ -192,6 +192,119 @@ def test_a_superuser_sees_each_hosts_state_and_drains_one_from_the_list(client, 
     assert '<td class="field-state">draining</td>' in client.get(url).content.decode()
 
 
+@pytest.fixture
+def root(client):
+    user = get_user_model().objects.create_superuser("root", "root@example.edu", None)
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def hosts_with_vms(vm_of_a, group_b, make_vm):
+    """h1: Alpha/vm1, Bravo/vm1 and a deleted Bravo/old; h2: Bravo/vm2."""
+    from labs.models import Host
+
+    h1 = vm_of_a.host
+    h2 = Host.objects.create(
+        name="h2", uri="qemu:///system", vcpus=4, memory_mib=8192, disk_gib=100
+    )
+    make_vm(group_b, name="vm1")
+    make_vm(group_b, name="old", desired_state="deleted", observed_state="deleted")
+    make_vm(group_b, name="vm2", host=h2)
+    return h1, h2
+
+
+def vm_list_link(host) -> str:
+    return f"{reverse('admin:labs_vm_changelist')}?host__id__exact={host.pk}&amp;deleted=no"
+
+
+def test_the_hosts_list_counts_each_hosts_vms_and_links_to_them(root, hosts_with_vms):
+    h1, h2 = hosts_with_vms
+    page = root.get(reverse("admin:labs_host_changelist")).content.decode()
+    assert f'<td class="field-vm_count"><a href="{vm_list_link(h1)}">2</a></td>' in page
+    assert f'<td class="field-vm_count"><a href="{vm_list_link(h2)}">1</a></td>' in page
+
+    listed = root.get(vm_list_link(h1).replace("&amp;", "&")).content.decode()
+    assert "Alpha/vm1" in listed and "Bravo/vm1" in listed
+    assert "Bravo/old" not in listed and "Bravo/vm2" not in listed
+
+
+def test_the_hosts_list_costs_the_same_queries_for_2_and_for_6_hosts(
+    root, hosts_with_vms, group_a, make_vm
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from labs.models import Host
+
+    def count() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert root.get(reverse("admin:labs_host_changelist")).status_code == 200
+        return len(captured)
+
+    count()  # warm the caches (content types)
+    few = count()
+    for n in range(3, 7):
+        host = Host.objects.create(
+            name=f"h{n}", uri="qemu:///system", vcpus=4, memory_mib=8192, disk_gib=100
+        )
+        make_vm(group_a, name=f"vm{n}", host=host)
+    assert count() == few
+
+
+def test_the_host_page_lists_its_vms_read_only_and_still_saves(
+    root, hosts_with_vms, group_a, make_vm
+):
+    import re
+
+    from django.db import connection
+    from django.forms.models import model_to_dict
+    from django.test.utils import CaptureQueriesContext
+
+    h1, _ = hosts_with_vms
+    url = reverse("admin:labs_host_change", args=[h1.pk])
+    root.get(url)  # warm the caches (content types)
+    with CaptureQueriesContext(connection) as two:
+        page = root.get(url).content.decode()
+    assert "VMs on this host" in page
+    assert "Alpha/vm1" in page and "Bravo/vm1" in page
+    assert "Bravo/old" not in page and "Bravo/vm2" not in page
+    assert 'name="vms-0-vcpus"' not in page  # read-only
+    assert (
+        reverse("admin:labs_vm_change", args=[h1.vms.get(name="vm1", group__name="Alpha").pk])
+        in page
+    )
+    for n in range(3, 7):
+        make_vm(group_a, name=f"vm{n}")
+    with CaptureQueriesContext(connection) as six:
+        assert "Alpha/vm6" in root.get(url).content.decode()
+    assert len(six) == len(two)
+
+    management = dict(re.findall(r'name="(vms-[A-Z_]+)"[^>]*value="(\d*)"', page))
+    data = {k: v for k, v in model_to_dict(h1).items() if v is not None and k != "id"}
+    data = {**data, **management, "ssh_address": "lab.example.edu", "_save": "Save"}
+    for flag in ("enabled", "draining"):
+        if not data.pop(flag):
+            continue
+        data[flag] = "on"
+    response = root.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    h1.refresh_from_db()
+    assert h1.ssh_address == "lab.example.edu" and h1.vms.live().count() == 6
+
+
+def test_the_vms_list_shows_and_filters_by_host(client_for, ines, hosts_with_vms):
+    _, h2 = hosts_with_vms
+    client = client_for(ines)
+    page = client.get(reverse("admin:labs_vm_changelist")).content.decode()
+    assert '<td class="field-host nowrap">h2</td>' in page
+    assert f"?host__id__exact={h2.pk}" in page  # the filter
+    listed = client.get(
+        reverse("admin:labs_vm_changelist"), {"host__id__exact": h2.pk}
+    ).content.decode()
+    assert "Bravo/vm2" in listed and "Alpha/vm1" not in listed
+
+
 def test_an_instructor_raises_a_groups_quota_but_nothing_else(client_for, ines, group_a):
     client = client_for(ines)
     url = reverse("admin:labs_group_change", args=[group_a.pk])

@@ -5,6 +5,7 @@ course and act on many VMs at once; everyone else gets a 404, anonymous the sign
 """
 
 import re
+import zoneinfo
 from datetime import timedelta
 
 import pytest
@@ -16,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from labs.choices import GroupStatus, ObservedState, OperationStatus, Role
-from labs.models import Group, Host, Membership, Operation
+from labs.models import Group, Host, Membership, Operation, Vm
 
 pytestmark = pytest.mark.django_db
 
@@ -104,7 +105,7 @@ def test_host_capacity_shows_what_live_vms_use_against_the_overcommitted_size(
     assert "4 of 32" in row and "(28 free)" in row
     assert "3072 of 16384" in row and "(13312 free)" in row
     assert "30 of 400" in row and "(370 free)" in row
-    assert "<td>3</td>" in row  # VMs of this course
+    assert '<td class="host-vms">3: ' in row  # VMs of this course
     row = re.search(r"<th scope=\"row\">draining</th>(.*?)</tr>", hosts, re.S).group(1)
     assert "1 of 16" in row and "disabled" in row
     assert "idle-on" in hosts  # enabled: new VMs may land there
@@ -127,6 +128,103 @@ def test_each_host_shows_its_state_next_to_its_capacity(client_for, ines, course
     assert ">draining</span>" in row("hv-drain") and "8192" in row("hv-drain")
     assert ">unreachable since 14:03</span>" in row("hv-gone")
     assert "did not answer" in row("hv-gone")
+
+
+def text_of(html: str) -> str:
+    """What a reader sees of some HTML: the text, its white space collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split()).replace(" ,", ",").replace(" :", ":")
+
+
+def host_row(page: str, name: str) -> str:
+    hosts = section(page, "hosts-heading")
+    return re.search(rf'<th scope="row">{name}</th>(.*?)</tr>', hosts, re.S).group(1)
+
+
+def vm_item(page: str, group: str, vm: str) -> str:
+    """The text of one VM's line in the Groups table."""
+    groups = section(page, "groups-heading")
+    row = re.search(rf'<th scope="row"><a [^>]*>{group}</a></th>(.*?)</tr>', groups, re.S)
+    items = re.findall(r"<li>(.*?)</li>", row.group(1), re.S)
+    return next(text_of(i) for i in items if text_of(i).startswith(f"{vm} "))
+
+
+def test_each_host_names_the_courses_vms_on_it_linked_to_their_group(
+    client_for, ines, course, lab, make_vm, make_group, make_student, other_course, group_a
+):
+    a1, a2, b1 = lab
+    spec = {"uri": "qemu:///system", "vcpus": 4, "memory_mib": 8192, "disk_gib": 100}
+    h2 = Host.objects.create(name="h2", **spec)
+    a3 = make_vm(group_a, name="vm3", host=h2)
+    oscar = make_student("oscar", in_course=other_course)
+    make_vm(make_group(course=other_course, by=oscar, name="Omega"), name="theirs")
+    page = client_for(ines).get(overview_url(course)).content.decode()
+
+    assert "3: Alpha/vm1, Alpha/vm2, Bravo/vm1" in text_of(host_row(page, "h1"))
+    assert "1: Alpha/vm3" in text_of(host_row(page, "h2"))
+    for vm in (a1, a2, b1, a3):
+        assert f'href="{reverse("labs:group_detail", args=[vm.group_id])}#vm-{vm.pk}"' in page
+    assert "Omega" not in page and "theirs" not in page  # another course's VM on h1
+
+
+def test_a_host_with_many_vms_names_six_and_counts_the_rest(
+    client_for, ines, course, lab, make_vm, group_a
+):
+    for n in range(3, 8):
+        make_vm(group_a, name=f"vm{n}")
+    row = text_of(host_row(client_for(ines).get(overview_url(course)).content.decode(), "h1"))
+    assert "8: Alpha/vm1, Alpha/vm2, Alpha/vm3, Alpha/vm4, Alpha/vm5, Alpha/vm6 and 2 more" in row
+    assert "Alpha/vm7" not in row and "Bravo/vm1" not in row
+
+
+def test_each_vm_of_the_groups_table_names_its_host(
+    client_for, ines, course, lab, make_vm, group_a
+):
+    make_vm(group_a, name="vm3", host=None, observed_state=ObservedState.NEW)
+    page = client_for(ines).get(overview_url(course)).content.decode()
+    assert "on h1" in vm_item(page, "Alpha", "vm1")
+    assert "on h1" in vm_item(page, "Bravo", "vm1")
+    assert "no host yet" in vm_item(page, "Alpha", "vm3")
+
+
+def test_a_vm_whose_host_did_not_answer_is_unknown_since_the_host_stopped_answering(
+    client_for, ines, course, lab, settings
+):
+    a1, _, _ = lab
+    settings.TIME_ZONE = "Asia/Tokyo"  # the page's time zone, not the database's UTC
+    now = timezone.now().astimezone(zoneinfo.ZoneInfo("Asia/Tokyo"))
+    stopped_answering = now.replace(hour=14, minute=3, second=0, microsecond=0)
+    Host.objects.filter(pk=a1.host_id).update(unreachable_since=stopped_answering)
+    # Reconcile marks the VMs unknown again on every pass that fails.
+    Vm.objects.filter(pk=a1.pk).update(
+        observed_state=ObservedState.UNKNOWN,
+        observed_at=stopped_answering + timedelta(minutes=27),
+    )
+    page = client_for(ines).get(overview_url(course)).content.decode()
+    item = vm_item(page, "Alpha", "vm1")
+    assert item.startswith("vm1 Unknown (host did not answer) since ")
+    assert "14:03 on h1" in item and "14:30" not in item
+    assert "<strong>1</strong> unknown (host did not answer)" in page
+    assert "since" not in vm_item(page, "Alpha", "vm2")  # stopped, and known
+
+
+def test_an_operation_waiting_to_retry_shows_why(client_for, ines, course, lab):
+    a1, _, _ = lab
+    Operation.objects.create(
+        vm=a1,
+        kind="stop",
+        status=OperationStatus.QUEUED,
+        progress="waiting to retry",
+        error="cannot connect to h1 — the host did not answer",
+        attempts=1,
+    )
+    page = client_for(ines).get(overview_url(course)).content.decode()
+    assert (
+        "Shut down: queued — waiting to retry: cannot connect to h1 — the host did not answer"
+        in vm_item(page, "Alpha", "vm1")
+    )
+    assert "Queued — waiting to retry: cannot connect to h1 — the host did not answer" in text_of(
+        section(page, "operations-heading")
+    )
 
 
 def test_failed_operations_come_first_with_their_error(client_for, ines, course, lab):
@@ -375,7 +473,7 @@ def test_the_overview_costs_the_same_queries_for_1_and_for_20_groups(
     assert "G000" in page
     add_groups(course, 19, start=1)
     many, page = count()
-    assert "G019" in page and "spare19" in page
+    assert "G019" in page and "spare19" in page and "G019/vm1" in page
     assert many == few, f"{few} queries for 2 groups, {many} for 21"
     assert few <= 12
 

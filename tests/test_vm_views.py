@@ -1,7 +1,12 @@
 """VM pages and operation endpoints for the cast; another group's VM is a 404 everywhere."""
 
+import re
+import zoneinfo
+from datetime import timedelta
+
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from labs.models import Host, Image, Operation, Vm, VmTemplate
 
@@ -127,3 +132,73 @@ def test_hostile_snapshot_and_group_names_stay_escaped(client_for, alice, approv
     page = client_for(alice).get(reverse("labs:group_detail", args=[group_a.pk])).content
     assert b"<script>x" not in page and b"<img src=x" not in page
     assert b"&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+# --- a host that does not answer --------------------------------------------------------------
+
+
+def text_of(html: str) -> str:
+    """What a reader sees of some HTML: the text, its white space collapsed."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split()).replace(" :", ":")
+
+
+def vm_card(page: str, vm) -> str:
+    start = page.index(f'<article class="vm" id="vm-{vm.pk}"')
+    return page[start : page.index("</article>", start)]
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "ines"])
+def test_a_vm_whose_host_did_not_answer_shows_unknown_since_then(
+    request, who, client_for, approved, group_a, settings
+):
+    vm_a, _ = approved
+    settings.TIME_ZONE = "Asia/Tokyo"  # the page's time zone, not the database's UTC
+    now = timezone.now().astimezone(zoneinfo.ZoneInfo("Asia/Tokyo"))
+    stopped_answering = now.replace(hour=14, minute=3, second=0, microsecond=0)
+    Host.objects.filter(pk=vm_a.host_id).update(unreachable_since=stopped_answering)
+    Vm.objects.filter(pk=vm_a.pk).update(
+        observed_state="unknown", observed_at=stopped_answering + timedelta(minutes=27)
+    )
+    client = client_for(request.getfixturevalue(who))
+    page = client.get(reverse("labs:group_detail", args=[group_a.pk])).content.decode()
+    heading = text_of(re.search(r"<h3 [^>]*>(.*?)</h3>", vm_card(page, vm_a), re.S).group(1))
+    assert heading.startswith("vm1 Unknown (host did not answer) since ")
+    assert heading.endswith("14:03") and "14:30" not in heading
+
+
+def test_a_vm_marked_unknown_before_its_host_says_since_when_it_was_marked(
+    client_for, alice, approved, group_a
+):
+    vm_a, _ = approved  # an operation gave up on the host; reconcile has not been by yet
+    marked = timezone.localtime().replace(hour=9, minute=41, second=0, microsecond=0)
+    Vm.objects.filter(pk=vm_a.pk).update(observed_state="unknown", observed_at=marked)
+    page = client_for(alice).get(reverse("labs:group_detail", args=[group_a.pk])).content.decode()
+    assert "Unknown (host did not answer) since 09:41" in text_of(vm_card(page, vm_a))
+
+
+def test_a_known_vm_says_no_since(client_for, alice, approved, group_a):
+    vm_a, _ = approved
+    Host.objects.filter(pk=vm_a.host_id).update(unreachable_since=timezone.now())
+    page = client_for(alice).get(reverse("labs:group_detail", args=[group_a.pk])).content.decode()
+    assert "since" not in text_of(vm_card(page, vm_a))  # running, as last observed
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "ines"])
+def test_an_operation_waiting_to_retry_shows_why_on_the_group_page(
+    request, who, client_for, approved, group_a
+):
+    vm_a, _ = approved
+    Operation.objects.create(
+        vm=vm_a,
+        kind="reboot",
+        status="queued",
+        progress="waiting to retry",
+        error="cannot connect to h1 — the host did not answer",
+        attempts=1,
+    )
+    client = client_for(request.getfixturevalue(who))
+    page = client.get(reverse("labs:group_detail", args=[group_a.pk])).content.decode()
+    reason = "waiting to retry: cannot connect to h1 — the host did not answer"
+    assert f"Reboot: queued — {reason}" in text_of(vm_card(page, vm_a))
+    history = page[page.index('id="ops-heading"') :]
+    assert f"Queued — {reason}" in text_of(history)

@@ -67,21 +67,29 @@ def host_usages(*, hosts=None, course: Course | None = None) -> list[HostUsage]:
     With a course: the enabled hosts and the hosts holding any live VM of the course,
     with the count of that course's VMs on each.
     """
-    hosts = (Host.objects.all() if hosts is None else hosts).annotate(
+    hosts = hosts_with_usage(Host.objects.all() if hosts is None else hosts, course=course)
+    if course is not None:
+        holding = Vm.objects.live().filter(group__course=course, host__isnull=False)
+        hosts = hosts.filter(Q(enabled=True) | Q(pk__in=holding.values("host_id")))
+    return [usage_of(host) for host in hosts.order_by("name")]
+
+
+def hosts_with_usage(hosts, *, course: Course | None = None):
+    """The hosts with what their live VMs use, their live VMs' count and (with a course)
+    the count of that course's, annotated in the same grouped query, for ``usage_of``."""
+    return hosts.annotate(
         used_vcpus=Coalesce(Sum("vms__vcpus", filter=_LIVE), 0),
         used_memory_mib=Coalesce(Sum("vms__memory_mib", filter=_LIVE), 0),
         used_disk_gib=Coalesce(Sum("vms__disk_gib", filter=_LIVE), 0),
+        live_vms=Count("vms", filter=_LIVE),
         course_vms=Count("vms", filter=_LIVE & Q(vms__group__course=course))
         if course is not None
         else Value(0),
     )
-    if course is not None:
-        holding = Vm.objects.live().filter(group__course=course, host__isnull=False)
-        hosts = hosts.filter(Q(enabled=True) | Q(pk__in=holding.values("host_id")))
-    return [_usage(host) for host in hosts.order_by("name")]
 
 
-def _usage(host: Host) -> HostUsage:
+def usage_of(host: Host) -> HostUsage:
+    """The usage of a host from ``hosts_with_usage``."""
     offered = capacity(host)
     return HostUsage(
         host=host,
