@@ -274,55 +274,22 @@ def second_libvirtd_kill_and_start(uri: str) -> None:
 def second_host_sshd(second_libvirtd):
     """OpenSSH's sshd on the second host (in its libvirtd's mount namespace, where its VNC
     sockets are), on 127.0.0.2 only, taking one key that may only open channels to unix
-    sockets: the console channel of docs/console.md. Returns (user@host:port, its host
-    key line, the client key's path)."""
-    import socket
+    sockets: the console channel of docs/console.md (labs/tooling/second_host_sshd.py).
+    Returns (user@host:port, its host key line, the client key's path)."""
+    from labs.tooling import second_host_sshd as sshd
 
-    home = Path(f"/var/lib/stratus/test-{RUN}-hv2-sshd")
-    home.mkdir(mode=0o700, parents=True)
-    for name in ("host_ed25519", "console_ed25519"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / name)], check=True
-        )
-    client = (home / "console_ed25519.pub").read_text().strip()
-    (home / "authorized_keys").write_text(
-        f'restrict,port-forwarding,command="/bin/false" {client}\n'
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = s.getsockname()[1]
-    (home / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.2\nHostKey {home}/host_ed25519\n"
-        f"PidFile {home}/sshd.pid\nAuthorizedKeysFile {home}/authorized_keys\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        # OpenSSH lets a socket forward through only where local TCP forwards are allowed
-        # too (one permission set for both): docs/deploy.md says what that means.
-        "AllowTcpForwarding local\nAllowStreamLocalForwarding local\nX11Forwarding no\n"
-        "PermitTTY no\nAllowAgentForwarding no\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     daemon_pid = Path(f"/var/lib/stratus/test-{RUN}-hv2-state/libvirtd.pid").read_text().strip()
     (ROOT / "test-artifacts").mkdir(exist_ok=True)
-    log = (ROOT / "test-artifacts" / f"sshd-{RUN}.log").open("ab")
-    proc = subprocess.Popen(
-        ["nsenter", "--target", daemon_pid, "--mount", "--", "/usr/sbin/sshd", "-D", "-e",
-         "-f", str(home / "sshd_config")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-
-    def listening():
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.2", port)) == 0
-
-    wait_for(lambda: listening() or proc.poll() is not None, timeout=20, what="sshd to listen")
-    if proc.poll() is not None:
-        pytest.fail("sshd did not start; see test-artifacts/sshd-*.log")
-    host_key = " ".join((home / "host_ed25519.pub").read_text().split()[:2])
-    yield f"root@127.0.0.2:{port}", host_key, home / "console_ed25519"
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=20)
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        server = sshd.start(
+            Path(f"/var/lib/stratus/test-{RUN}-hv2-sshd"),
+            daemon_pid=daemon_pid,
+            log=ROOT / "test-artifacts" / f"sshd-{RUN}.log",
+        )
+    except RuntimeError as error:
+        pytest.fail(f"sshd did not start ({error}); see test-artifacts/sshd-*.log")
+    yield server.console_ssh, server.host_key, server.client_key
+    server.stop()
 
 
 @pytest.fixture
