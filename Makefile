@@ -11,7 +11,7 @@ export SITE_URL ?= http://$(HOST):$(PORT)
 IMAGE_DIR ?= /var/lib/stratus/images
 export STRATUS_IMAGE_DIR := $(IMAGE_DIR)
 
-.PHONY: run test lint format system-run system-test migrate demo serve image clean second-host
+.PHONY: run test lint format system-run system-test migrate demo serve image clean second-host second-host-stop
 
 run: system-run $(VENV)/.run-deps node_modules/.installed image migrate demo serve
 
@@ -77,20 +77,35 @@ demo:
 # terminal here (LOG_FORMAT=json gives what production writes). Ctrl-C leaves the demo VM
 # running in libvirt: the next `make run` finds it (docs/operations.md).
 LOG_FORMAT ?= text
+# The console channel's key of `make second-host` (its sshd accepts only that key, for
+# socket forwards only): the web process reads it when a console of local2 opens.
+HV2_SSHD := /var/lib/stratus/hv2-sshd
+HV2_CONSOLE_KEY := $(HV2_SSHD)/console_ed25519
 serve:
 	@echo "Stratus is at http://$(HOST):$(PORT)/  (Ctrl-C stops web, worker and beat)"
-	WEB_HOST=$(HOST) WEB_PORT=$(PORT) LOG_FORMAT=$(LOG_FORMAT) $(VENV)/bin/honcho start -f Procfile
+	WEB_HOST=$(HOST) WEB_PORT=$(PORT) LOG_FORMAT=$(LOG_FORMAT) CONSOLE_SSH_KEY=$(HV2_CONSOLE_KEY) \
+	  $(VENV)/bin/honcho start -f Procfile
 
 # A second hypervisor on this machine, to try moving VMs (docs/operations.md, "Moving a VM
 # to another host"): its own libvirtd on 127.0.0.2 (scripts/second-libvirtd.sh), registered
-# as host `local2`, and its worker in the foreground. Run it beside `make run`; Ctrl-C stops
-# the worker, `scripts/second-libvirtd.sh stop` the daemon (its VMs with it).
+# as host `local2` with its console channel (an sshd in that daemon's mount namespace on
+# 127.0.0.2, labs/tooling/second_host_sshd.py), and its worker in the foreground. Run it
+# beside `make run`; Ctrl-C stops the worker; `make second-host-stop` the sshd and the
+# daemon (its VMs with it).
 second-host: $(VENV)/.run-deps migrate
-	@uri=$$(scripts/second-libvirtd.sh start) && \
-	  $(PY) manage.py register_host local2 --uri "$$uri" --virt-type qemu \
-	    --storage-dir /var/lib/stratus/vms2 --ssh-ports 22100-22199 && \
+	@mkdir -p var && uri=$$(scripts/second-libvirtd.sh start) && \
+	  mapfile -t console < <($(PY) -m labs.tooling.second_host_sshd start $(HV2_SSHD) \
+	    --daemon-pid "$$(cat /var/lib/stratus/hv2/libvirtd.pid)" --log var/hv2-sshd.log) && \
+	  { [[ $${#console[@]} -eq 3 ]] || { echo "no console sshd: see var/hv2-sshd.log" >&2; false; }; } && \
+	  CONSOLE_SSH_KEY=$(HV2_CONSOLE_KEY) $(PY) manage.py register_host local2 --uri "$$uri" \
+	    --virt-type qemu --storage-dir /var/lib/stratus/vms2 --ssh-ports 22100-22199 \
+	    --console-ssh "$${console[0]}" --console-ssh-host-key "$${console[1]}" && \
 	  $(VENV)/bin/celery -A portal worker --loglevel INFO --concurrency 1 \
 	    -Q host.local2 -n local2@%h
+
+second-host-stop: $(VENV)/.run-deps
+	$(PY) -m labs.tooling.second_host_sshd stop $(HV2_SSHD)
+	scripts/second-libvirtd.sh stop
 
 # The database goes with var/; libvirt's domains do not (docs/operations.md, "The demo").
 clean:

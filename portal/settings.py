@@ -375,5 +375,8 @@ LOGGING = {
         # Celery's "received" and "succeeded in" lines repeat the operation line.
         "celery.app.trace": {"level": "WARNING"},
         "celery.worker.strategy": {"level": "WARNING"},
+        # asyncssh's eight lines per SSH connection (console channels, labs/consoles/
+        # tunnel.py): the tunnel logs the one that matters, "console channel to … open".
+        "asyncssh": {"level": "WARNING"},
     },
 }

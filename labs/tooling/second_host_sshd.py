@@ -120,3 +120,43 @@ def start(
     if exited is not None:
         raise RuntimeError(f"sshd exited ({exited}); see {log}")
     raise RuntimeError(f"sshd did not listen on {address}:{port} after {timeout:.0f} s; see {log}")
+
+
+def stop_at(home: Path) -> None:
+    """End the sshd ``start`` left running in ``home`` (from another process: its PID file
+    names it, and only a process that is sshd is ended), and remove ``home``."""
+    pid_file = home / "sshd.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text().strip() or 0)
+        comm = Path(f"/proc/{pid}/comm")
+        if pid > 1 and comm.exists() and comm.read_text().strip() == "sshd":
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``start HOME --daemon-pid PID --log LOG``: print ``console_ssh``, then the host key,
+    then the client key's path, a line each, and leave sshd running (``make second-host``);
+    ``stop HOME``: end it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m labs.tooling.second_host_sshd")
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("home", type=Path)
+    parser.add_argument("--daemon-pid", default="")
+    parser.add_argument("--log", type=Path, default=Path("/dev/null"))
+    args = parser.parse_args(argv)
+    stop_at(args.home)  # a start replaces what an earlier one left
+    if args.action == "start":
+        if not args.daemon_pid:
+            parser.error("start needs --daemon-pid")
+        try:
+            sshd = start(args.home, daemon_pid=args.daemon_pid, log=args.log)
+        except RuntimeError as error:
+            raise SystemExit(f"second host sshd: {error}") from None
+        print(sshd.console_ssh, sshd.host_key, sshd.client_key, sep="\n")
+
+
+if __name__ == "__main__":
+    main()
