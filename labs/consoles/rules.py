@@ -236,7 +236,8 @@ def moved_to(*, vm_id: int, host_name: str) -> str:
     )
     if move is None or not move.params.get("live"):
         return ""
-    return Host.objects.filter(pk=move.params.get("host")).values_list("name", flat=True).first()
+    destination = Host.objects.filter(pk=move.params.get("host")).values_list("name", flat=True)
+    return destination.first() or ""
 
 
 # --- limits -----------------------------------------------------------------------------------
