@@ -121,9 +121,15 @@ class CourseAdmin(CourseScopedAdmin):
     clock_fields = ["time_zone", "clock_lead_minutes", "clock_after"]
 
     def has_change_permission(self, request, obj=None):
-        # Instructors edit the class schedule and the clock's settings; every other field
-        # stays read-only, and for TAs everything does.
-        return request.user.is_superuser or _is_course_staff(request)
+        # Instructors edit the class schedule and the clock's settings (every other field
+        # stays read-only); TAs only view the course.
+        if request.user.is_superuser:
+            return True
+        if obj is None:
+            return access.courses_staffed_by(
+                user=request.user, action=access.Action.SCHEDULE
+            ).exists()
+        return _may_schedule(request, obj)
 
     def get_readonly_fields(self, request, obj=None):
         if request.user.is_superuser:

@@ -85,8 +85,10 @@ def test_a_schedule_that_makes_no_sense_is_refused_naming_the_problem(
 def test_a_ta_reads_the_schedule_and_changes_nothing(client_for, tara, course):
     ClassSession.objects.create(course=course, weekday=1, starts_at=time(10), ends_at=time(11))
     client = client_for(tara)
-    assert client.get(change_url(course)).status_code == 200
-    client.post(change_url(course), course_form(course))
+    page = client.get(change_url(course))
+    assert page.status_code == 200
+    assert "Tuesday" in page.content.decode()
+    assert client.post(change_url(course), course_form(course)).status_code == 403
     course.refresh_from_db()
     assert (course.clock_lead_minutes, course.class_holidays.count()) == (10, 0)
 
