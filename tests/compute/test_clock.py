@@ -350,3 +350,27 @@ def test_a_holiday_ending_before_it_starts_is_refused(course):
         ClassHoliday(
             course=course, first_day=date(2026, 4, 2), last_day=date(2026, 4, 1)
         ).full_clean()
+
+
+def test_two_ticks_deciding_the_same_vm_at_once_ask_for_one_operation(
+    berlin_course, group_a, make_vm, sent
+):
+    weekly(berlin_course)
+    make_vm(group_a, observed_state=ObservedState.SHUTOFF)
+    moment = berlin(2026, 3, 31, 9, 52)
+    # Both ticks looked before either wrote: the unique ClockAction decides.
+    first = clock.due_actions(fresh(berlin_course), moment)[0]
+    second = clock.due_actions(fresh(berlin_course), moment)[0]
+    assert clock.action_take(due=first) is not None
+    assert clock.action_take(due=second) is None
+    assert Operation.objects.count() == 1
+
+
+def test_the_course_overview_names_the_course_clock_as_requester(
+    berlin_course, group_a, make_vm, ines, client_for, sent
+):
+    weekly(berlin_course)
+    make_vm(group_a, observed_state=ObservedState.SHUTOFF)
+    tick_at(berlin(2026, 3, 31, 9, 50))
+    page = client_for(ines).get(reverse("labs:course_overview", args=[berlin_course.slug]))
+    assert "Course clock" in page.content.decode()
