@@ -52,6 +52,7 @@ class Action(StrEnum):
     REVIEW = "review"
     QUOTA = "quota"  # raise a group's quotas (up to the course's caps)
     MOVE = "move"  # move a VM to another host (its SSH line changes)
+    SCHEDULE = "schedule"  # edit the course's class schedule and clock settings
 
 
 # The course roles that grant each action on every group of the course. Students get
@@ -63,6 +64,7 @@ ROLES: dict[Action, tuple[str, ...]] = {
     Action.REVIEW: STAFF_ROLES,
     Action.QUOTA: (Role.INSTRUCTOR,),
     Action.MOVE: (Role.INSTRUCTOR,),
+    Action.SCHEDULE: (Role.INSTRUCTOR,),
 }
 # What a student member of a group may do with it (operate: only once it is approved).
 MEMBER_ACTIONS = frozenset({Action.VIEW, Action.OPERATE})

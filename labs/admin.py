@@ -18,7 +18,19 @@ from labs.compute.moves import vm_move_request
 from labs.compute.placement import hosts_with_usage, usage_of
 from labs.errors import StratusError, message_of
 from labs.forms import MoveForm, RejectForm
-from labs.models import Course, Group, Host, Image, Membership, Operation, Snapshot, Vm, VmTemplate
+from labs.models import (
+    ClassHoliday,
+    ClassSession,
+    Course,
+    Group,
+    Host,
+    Image,
+    Membership,
+    Operation,
+    Snapshot,
+    Vm,
+    VmTemplate,
+)
 from labs.people import groups as group_services
 
 
@@ -63,11 +75,72 @@ class CourseScopedAdmin(admin.ModelAdmin):
         return request.user.is_superuser
 
 
+def _may_schedule(request, course) -> bool:
+    """The course's instructors (and superusers) edit its class schedule."""
+    return course is not None and access.may(request.user, access.Action.SCHEDULE, course)
+
+
+class ScheduleInline(admin.TabularInline):
+    """A course's class schedule: editable by its instructors, visible to its TAs."""
+
+    extra = 0
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_superuser or _is_course_staff(request)
+
+    def has_add_permission(self, request, obj=None):
+        return request.user.is_superuser or _may_schedule(request, obj)
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser or _may_schedule(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        return request.user.is_superuser or _may_schedule(request, obj)
+
+
+class ClassSessionInline(ScheduleInline):
+    model = ClassSession
+    fields = ["label", "weekday", "date", "starts_at", "ends_at", "valid_from", "valid_until"]
+    verbose_name = "class"
+    verbose_name_plural = "classes (weekly: a weekday; once: a date; times in the course's zone)"
+
+
+class ClassHolidayInline(ScheduleInline):
+    model = ClassHoliday
+    fields = ["first_day", "last_day", "label"]
+    verbose_name = "day without class"
+    verbose_name_plural = "days without class (holidays)"
+
+
 @admin.register(Course)
 class CourseAdmin(CourseScopedAdmin):
     list_display = ["slug", "title", "term", "max_group_size", "signup_open", "group_count"]
     search_fields = ["slug", "title", "term"]
     prepopulated_fields = {"slug": ["title"]}
+    inlines = [ClassSessionInline, ClassHolidayInline]
+    clock_fields = ["time_zone", "clock_lead_minutes", "clock_after"]
+
+    def has_change_permission(self, request, obj=None):
+        # Instructors edit the class schedule and the clock's settings (every other field
+        # stays read-only); TAs only view the course.
+        if request.user.is_superuser:
+            return True
+        if obj is None:
+            return access.courses_staffed_by(
+                user=request.user, action=access.Action.SCHEDULE
+            ).exists()
+        return _may_schedule(request, obj)
+
+    def get_readonly_fields(self, request, obj=None):
+        if request.user.is_superuser:
+            return self.readonly_fields
+        every = [f.name for f in Course._meta.fields if f.editable and f.name != "id"]
+        if _may_schedule(request, obj):
+            return [f for f in every if f not in self.clock_fields]
+        return every
+
+    def get_prepopulated_fields(self, request, obj=None):
+        return self.prepopulated_fields if request.user.is_superuser else {}
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(n_groups=Count("groups"))

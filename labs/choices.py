@@ -87,3 +87,28 @@ class OperationStatus(models.TextChoices):
 
 
 ACTIVE_OPERATION_STATUSES = (OperationStatus.QUEUED, OperationStatus.RUNNING)
+
+
+class ClockAfter(models.TextChoices):
+    """What the course clock does with a course's VMs after a class (Course.clock_after)."""
+
+    SUSPEND = "suspend", "Suspend them (memory kept)"
+    STOP = "stop", "Shut them down"
+    LEAVE = "leave", "Leave them running"
+
+
+class ClockPhase(models.TextChoices):
+    """The two moments of a class window the course clock acts at (ClockAction.phase)."""
+
+    BEFORE = "before", "Before class"
+    AFTER = "after", "After class"
+
+
+class Weekday(models.IntegerChoices):
+    MONDAY = 0, "Monday"
+    TUESDAY = 1, "Tuesday"
+    WEDNESDAY = 2, "Wednesday"
+    THURSDAY = 3, "Thursday"
+    FRIDAY = 4, "Friday"
+    SATURDAY = 5, "Saturday"
+    SUNDAY = 6, "Sunday"

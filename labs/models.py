@@ -11,6 +11,8 @@ from django.utils import timezone
 from labs.choices import (
     ACTIVE_OPERATION_STATUSES,
     STAFF_ROLES,
+    ClockAfter,
+    ClockPhase,
     DesiredState,
     DriverKind,
     GroupStatus,
@@ -22,8 +24,13 @@ from labs.choices import (
     PlacementPolicy,
     Role,
     VirtType,
+    Weekday,
 )
-from labs.validators import one_line_text
+from labs.validators import one_line_text, time_zone_name
+
+
+def _default_time_zone() -> str:
+    return settings.TIME_ZONE
 
 
 class Course(models.Model):
@@ -53,6 +60,26 @@ class Course(models.Model):
         help_text="How new VMs choose among the hosts with room; a group's VMs stay together "
         "on one host while it has room (docs/decisions.md, Hosts and placement).",
     )
+    # The course clock (labs/compute/clock.py, docs/course-clock.md).
+    time_zone = models.CharField(
+        max_length=64,
+        default=_default_time_zone,
+        validators=[time_zone_name],
+        help_text="The IANA time zone the class schedule is written in (Europe/Berlin).",
+    )
+    clock_lead_minutes = models.PositiveSmallIntegerField(
+        "ready at start: lead (minutes)",
+        default=10,
+        help_text="How long before a class its VMs are started or resumed.",
+    )
+    clock_after = models.CharField(
+        "after class",
+        max_length=8,
+        choices=ClockAfter.choices,
+        default=ClockAfter.SUSPEND,
+        help_text="What happens to running VMs when a class ends (unless a member is in "
+        "the VM's console).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -69,6 +96,11 @@ class Course(models.Model):
                 | models.Q(signup_closes_at__gt=models.F("signup_opens_at")),
                 name="course_signup_window_order",
                 violation_error_message="Signup must close after it opens.",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(clock_lead_minutes__lte=240),
+                name="course_clock_lead_range",
+                violation_error_message="VMs start at most 240 minutes before a class.",
             ),
         ]
 
@@ -634,9 +666,29 @@ class Operation(models.Model):
         return self.status in ACTIVE_OPERATION_STATUSES
 
     @property
+    def by_clock(self) -> bool:
+        """Asked for by the course clock (labs/compute/clock.py), not by a person."""
+        return isinstance(self.params, dict) and "clock" in self.params
+
+    @property
+    def requester(self) -> str:
+        """Who asked, as the pages say it: a username, "Course clock" or "Stratus"."""
+        username = self.requested_by.username if self.requested_by else ""
+        return requester_label(username, self.params)
+
+    @property
     def waiting(self) -> str:
         """Why a queued operation has not started yet, for the pages ("" if not waiting)."""
         return waiting_note(self.status, self.send_error, self.created_at)
+
+
+def requester_label(username: str, params) -> str:
+    """The "By" of an operation: the person, the course clock, or Stratus itself."""
+    if username:
+        return username
+    if isinstance(params, dict) and "clock" in params:
+        return "Course clock"
+    return "Stratus"
 
 
 WAIT_NOTICE_SECONDS = 30  # a queued operation this old without a worker is worth a word
@@ -674,3 +726,134 @@ class ConsoleSession(models.Model):
 
     def __str__(self) -> str:
         return f"console {self.vm} by {self.user} at {self.started_at:%Y-%m-%d %H:%M}"
+
+
+# --- the course clock: class schedules (labs/compute/clock.py) ---------------------------------
+
+
+class ClassSession(models.Model):
+    """A class of a course, in the course's time zone: every week on one weekday (between
+    optional first and last dates), or once on one date. Its VMs are ready at its start
+    and suspended or stopped after its end (Course.clock_after)."""
+
+    course = models.ForeignKey(Course, on_delete=models.CASCADE, related_name="class_sessions")
+    label = models.CharField(max_length=80, blank=True, validators=[one_line_text])
+    weekday = models.PositiveSmallIntegerField(
+        choices=Weekday.choices, null=True, blank=True, help_text="Weekly classes: the day."
+    )
+    date = models.DateField(null=True, blank=True, help_text="A single class: its date.")
+    starts_at = models.TimeField("start", help_text="Local time, in the course's time zone.")
+    ends_at = models.TimeField("end", help_text="Local time, the same day (before midnight).")
+    valid_from = models.DateField(
+        "first week", null=True, blank=True, help_text="Weekly classes: from this date on."
+    )
+    valid_until = models.DateField(
+        "last week", null=True, blank=True, help_text="Weekly classes: up to this date."
+    )
+
+    class Meta:
+        ordering = ["course", "date", "weekday", "starts_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(ends_at__gt=models.F("starts_at")),
+                name="class_session_ends_after_start",
+                violation_error_message="A class ends after it starts (on the same day).",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(weekday__isnull=False, date__isnull=True)
+                | models.Q(weekday__isnull=True, date__isnull=False),
+                name="class_session_weekly_or_dated",
+                violation_error_message="Give a class either a weekday (every week) or a "
+                "date (once), not both and not neither.",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(weekday__isnull=True)
+                | models.Q(weekday__gte=0, weekday__lte=6),
+                name="class_session_weekday_range",
+                violation_error_message="A weekday is Monday (0) to Sunday (6).",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(valid_from__isnull=True)
+                | models.Q(valid_until__isnull=True)
+                | models.Q(valid_until__gte=models.F("valid_from")),
+                name="class_session_valid_order",
+                violation_error_message="The last week comes on or after the first week.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        when = self.date.isoformat() if self.date else f"{Weekday(self.weekday).label}s"
+        return f"{when} {self.starts_at:%H:%M}–{self.ends_at:%H:%M}"
+
+    def clean(self) -> None:
+        errors = {}
+        if self.weekday is None and self.date is None:
+            errors["weekday"] = "A weekly class needs a weekday; a single class needs a date."
+        if self.weekday is not None and self.date is not None:
+            errors["date"] = "Give either a weekday (every week) or a date (once), not both."
+        if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
+            errors["ends_at"] = (
+                f"The class ends ({self.ends_at:%H:%M}) before it starts "
+                f"({self.starts_at:%H:%M}); a class ends on the day it starts."
+            )
+        if self.date is not None and (self.valid_from or self.valid_until):
+            errors["valid_from"] = "First and last weeks are for weekly classes only."
+        if self.valid_from and self.valid_until and self.valid_until < self.valid_from:
+            errors["valid_until"] = "The last week comes on or after the first week."
+        if errors:
+            raise ValidationError(errors)
+
+
+class ClassHoliday(models.Model):
+    """Days without class (both ends included): occurrences on them do not happen."""
+
+    course = models.ForeignKey(Course, on_delete=models.CASCADE, related_name="class_holidays")
+    first_day = models.DateField()
+    last_day = models.DateField(help_text="The same as the first day for one day off.")
+    label = models.CharField(max_length=80, blank=True, validators=[one_line_text])
+
+    class Meta:
+        ordering = ["course", "first_day"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(last_day__gte=models.F("first_day")),
+                name="class_holiday_order",
+                violation_error_message="A holiday's last day comes on or after its first day.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.label or f"{self.first_day}–{self.last_day}"
+
+    def clean(self) -> None:
+        if self.first_day and self.last_day and self.last_day < self.first_day:
+            raise ValidationError(
+                {"last_day": "A holiday's last day comes on or after its first day."}
+            )
+
+
+class ClockAction(models.Model):
+    """What the course clock asked for: one row per VM, class window and phase, so that
+    a second tick or a restarted beat never asks twice (the unique constraint decides)."""
+
+    vm = models.ForeignKey(Vm, on_delete=models.CASCADE, related_name="clock_actions")
+    window_start = models.DateTimeField()
+    phase = models.CharField(max_length=8, choices=ClockPhase.choices)
+    operation = models.OneToOneField(
+        Operation, null=True, on_delete=models.SET_NULL, related_name="clock_action"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["vm", "window_start", "phase"],
+                name="one_clock_action_per_vm_window_phase",
+                violation_error_message="The course clock already acted on this VM for "
+                "this class.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"clock {self.phase} {self.vm} {self.window_start:%Y-%m-%d %H:%M}"

@@ -22,7 +22,7 @@ from labs.choices import (
     OperationStatus,
 )
 from labs.compute.placement import HostUsage, host_usages
-from labs.models import Course, Group, Membership, Operation, Vm, waiting_note
+from labs.models import Course, Group, Membership, Operation, Vm, requester_label, waiting_note
 
 
 def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
@@ -185,7 +185,7 @@ class OverviewOperation:
     vm_name: str
     kind_label: str
     snapshot_name: str
-    requested_by: str  # username, or "" for Stratus itself
+    requested_by: str  # username, "Course clock" or "Stratus" (models.requester_label)
     status: str
     status_label: str
     error: str
@@ -366,7 +366,7 @@ def _operations_failed_first(*, course: Course, limit: int) -> list[OverviewOper
             vm_name=vm_name,
             kind_label=_OP_KIND.get(kind, kind),
             snapshot_name=str(params.get("name", "")) if isinstance(params, dict) else "",
-            requested_by=username or "",
+            requested_by=requester_label(username or "", params),
             status=status,
             status_label=_OP_STATUS.get(status, status),
             error=error,

@@ -118,3 +118,12 @@ def recover_orphans(sender=None, **kwargs):
     ):
         log.warning("re-queueing operation %s left running by a killed worker", op_id)
         dispatch.operation_send(operation_id=op_id)
+
+
+@shared_task(name="labs.tasks.course_clock_tick", ignore_result=True)
+def course_clock_tick() -> int:
+    """Beat, every minute: the course clock starts VMs before class and suspends or stops
+    them after (labs/compute/clock.py); each decision once, however often it runs."""
+    from labs.compute import clock
+
+    return len(clock.clock_tick())

@@ -20,3 +20,18 @@ def one_line_text(value: str) -> None:
                 code="control_character",
                 params={"point": ord(char)},
             )
+
+
+def time_zone_name(value: str) -> None:
+    """An IANA time zone name that this machine's zoneinfo knows ("Europe/Berlin")."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(
+            "“%(value)s” is not a time zone name; use an IANA name such as Europe/Berlin or "
+            "America/New_York.",
+            code="time_zone",
+            params={"value": value},
+        ) from None

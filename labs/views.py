@@ -17,7 +17,7 @@ from labs import access, selectors
 from labs.access import Action
 from labs.choices import GroupStatus, ObservedState, Role
 from labs.compute import bulk as bulk_services
-from labs.compute import kinds, quotas, requests
+from labs.compute import clock, kinds, quotas, requests
 from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
 from labs.forms import (
@@ -106,6 +106,7 @@ def group_detail(request, group_id: int):
         context.update(
             vms=vms,
             operations=selectors.operations_of_group(group=group),
+            outlook=clock.course_outlook(course=group.course),
             quota=quota,
             usage=usage,
             left={key: max(quota[key] - usage[key], 0) for key in quota},

@@ -209,6 +209,13 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_int("RESEND_INTERVAL_SECONDS", 5),
         "options": {"expires": 10},
     },
+    # The course clock: VMs ready before class, suspended or stopped after
+    # (labs/compute/clock.py). A tick that waited too long is dropped: the next one acts.
+    "course-clock": {
+        "task": "labs.tasks.course_clock_tick",
+        "schedule": env_int("COURSE_CLOCK_INTERVAL_SECONDS", 60),
+        "options": {"expires": 50},
+    },
 }
 
 # VMs
