@@ -132,16 +132,24 @@ def account_disable(dom: libvirt.virDomain, user: str) -> None:
     log.info("disabled the account %s in the guest", user)
 
 
+def keys_get(dom: libvirt.virDomain, user: str) -> list[str]:
+    """The keys in ``user``'s authorized_keys; [] when the file is not there (an account
+    with no keys yet). Any other failure (an agent that timed out under load) raises:
+    read as "no keys", it would leave a removed key in place."""
+    try:
+        return dom.authorizedSSHKeysGet(user, 0)
+    except libvirt.libvirtError as error:
+        if "No such file or directory" in (error.get_error_message() or str(error)):
+            return []
+        raise
+
+
 def keys_set(dom: libvirt.virDomain, user: str, *, keys: list[str], remove: list[str] | None):
     """Give ``user`` the ``keys``. With ``remove`` a list, take those keys out and keep
-    the rest (keys a student added themselves); with None, ``keys`` is the whole set."""
+    the rest (keys a student added themselves); with None, ``keys`` is the whole set.
+    The file is read back afterwards: HypervisorError unless it holds what was asked."""
     user = username_for(user)
-    try:
-        present = dom.authorizedSSHKeysGet(user, 0)
-    except libvirt.libvirtError:
-        # qemu-ga cannot read a file that is not there (an account with no keys yet); a
-        # guest agent that is really away fails the calls below as well.
-        present = []
+    present = keys_get(dom, user)
     if remove is None:
         stale = [k for k in present if k not in keys]
     else:
@@ -151,3 +159,10 @@ def keys_set(dom: libvirt.virDomain, user: str, *, keys: list[str], remove: list
     missing = [k for k in keys if k not in present]
     if missing:
         dom.authorizedSSHKeysSet(user, missing, libvirt.VIR_DOMAIN_AUTHORIZED_SSH_KEYS_SET_APPEND)
+    if stale or missing:
+        held = keys_get(dom, user)
+        if any(k in held for k in stale) or any(k not in held for k in keys):
+            raise HypervisorError(
+                f"the guest's agent did not update the SSH keys of {user} "
+                f"({len(held)} held after the change)"
+            )
