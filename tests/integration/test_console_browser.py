@@ -97,6 +97,7 @@ def canvas_matches_guest(page, domain: str, tmp_path: Path, uri: str = "qemu:///
     return differing <= len(pixels) // 1000  # the cursor may blink between the two reads
 
 
+@pytest.mark.sqlite_pass_only  # about consoles, not the database
 def test_a_member_sees_the_login_prompt_and_types_into_the_console(
     course,
     alice,

@@ -168,6 +168,7 @@ def differing(a: bytes, b: bytes) -> int:
     return sum(1 for i in range(0, len(a), 3) if abs(a[i] - b[i]) + abs(a[i + 1] - b[i + 1]) > 48)
 
 
+@pytest.mark.sqlite_pass_only  # about consoles, not the database
 def test_each_console_shows_its_own_vm_after_poweroff_restart_and_reboot(
     course,
     alice,

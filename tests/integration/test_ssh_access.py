@@ -7,6 +7,8 @@ work), the group's key replaced (the old key refused, the new one works), a memb
 takes them out again). The guest's boot id never changes: no reset, no reboot.
 """
 
+import time
+
 import pytest
 
 from labs.choices import OperationKind, OperationStatus
@@ -33,10 +35,11 @@ def _answer(key, port, command="true", user="student"):
     """``command`` run as ``user`` with ``key``: sshd's own answer, whether it let the user in
     or refused them. A connection that failed otherwise (ssh's 255 without a refusal: a guest
     slow to answer under TCG) is tried again, so that no answer can come from a timeout."""
-    for _ in range(4):
+    for attempt in range(6):
         result = ssh(key, port, command, user=user, timeout=60)
         if result.returncode != 255 or "Permission denied" in result.stderr:
             return result
+        time.sleep(2 * attempt + 1)  # a busy guest's sshd resets new connections for a while
     raise AssertionError(f"ssh as {user} neither logged in nor was refused: {result.stderr}")
 
 
