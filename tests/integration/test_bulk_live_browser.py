@@ -33,6 +33,7 @@ def quick_worker(transactional_db):
     worker.stop()
 
 
+@pytest.mark.sqlite_pass_only  # live pages: Redis and the browser, not the database
 def test_an_instructor_bulk_stops_three_groups_and_each_group_page_shows_its_vm_stop(
     course,
     alice,

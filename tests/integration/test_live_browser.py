@@ -47,6 +47,7 @@ RECORD_EVENTS = """() => {
 }"""
 
 
+@pytest.mark.sqlite_pass_only  # live pages: Redis and the browser, not the database
 def test_a_teammates_page_follows_live_catches_up_after_a_restart_other_groups_hear_nothing(
     course,
     alice,

@@ -30,6 +30,7 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+@pytest.mark.sqlite_pass_only  # no database at all
 def test_start_prints_the_console_route_and_stop_ends_it(tmp_path, capsys):
     home = tmp_path / "sshd"
     # This process's own mount namespace stands in for a second libvirtd's.

@@ -116,6 +116,7 @@ def suspend_and_resume(vm, key, *, by_suspend, by_resume) -> None:
     ]
 
 
+@pytest.mark.sqlite_pass_only  # its rows are the unit suite's, which runs on PostgreSQL
 def test_approve_ssh_suspend_resume_snapshot_revert_reset_delete(
     course,
     alice,
