@@ -241,7 +241,9 @@ async function connect() {
     viewOnly = viewOnly || data.view_only === true;
   } catch (error) {
     if (mine !== attempt) return;
-    if (following > 0 && followMove()) return;
+    // Following a move, only a server that may answer in a moment is tried again; a
+    // signed-out user or an access that ended hears so at once.
+    if (following > 0 && error instanceof TicketError && error.transient && followMove()) return;
     if (comingBack > 0 && error instanceof TicketError && error.transient && retryLater()) return;
     const text = error instanceof TicketError ? error.message : "The console could not start.";
     setStatus("error", text);
