@@ -3,7 +3,7 @@ runs a program.
 
 A VM's host, SSH port and VNC endpoint are what its worker observed; the console proxies
 connect to that endpoint, so they are read-only even for superusers. A Host's libvirt URI
-is limited to the transports Stratus supports (labs/models.py, validate_libvirt_uri).
+is limited to the transports Stratus supports (labs/validators.py, validate_libvirt_uri).
 """
 
 import re
