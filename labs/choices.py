@@ -56,6 +56,7 @@ class ObservedState(models.TextChoices):
     RUNNING = "running", "Running"
     SHUTOFF = "shutoff", "Stopped"
     PAUSED = "paused", "Paused"
+    SAVED = "saved", "Suspended to disk"
     CRASHED = "crashed", "Crashed"
     MISSING = "missing", "Missing on host"
     UNKNOWN = "unknown", "Unknown (host did not answer)"
@@ -76,6 +77,7 @@ class OperationKind(models.TextChoices):
     RESET = "reset", "Reset to baseline"
     SSH_SYNC = "ssh_sync", "Update SSH access"
     MOVE = "move", "Move to another host"
+    SAVE = "save", "Suspend to disk"
     DELETE = "delete", "Delete"
 
 
@@ -95,6 +97,14 @@ class ClockAfter(models.TextChoices):
     SUSPEND = "suspend", "Suspend them (memory kept)"
     STOP = "stop", "Shut them down"
     LEAVE = "leave", "Leave them running"
+
+
+class IdleAction(models.TextChoices):
+    """What the course clock does with a VM nobody has used for the idle time
+    (Course.idle_action)."""
+
+    SAVE = "save", "Suspend it to disk (memory kept)"
+    STOP = "stop", "Shut it down"
 
 
 class ClockPhase(models.TextChoices):

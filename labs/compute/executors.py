@@ -14,6 +14,7 @@ from django.utils import timezone
 from labs.choices import DesiredState, NetworkMode, ObservedState
 from labs.compute import ssh_access
 from labs.compute.records import (
+    NO_CONSOLE,
     driver_of,
     observed_of,
     operation_progress,
@@ -120,9 +121,24 @@ def suspend(op: Operation) -> None:
     vm_observe(op.vm, ObservedState.PAUSED, "")
 
 
+def save(op: Operation) -> None:
+    """Suspend to disk (managed save): QEMU ends, so consoles close and SSH sessions drop;
+    the guest's processes and memory come back with the next start or resume."""
+    report = operation_progress(op)
+    vm_consoles_close(op.vm, "the VM is being suspended to disk")
+    report("saving the VM's memory to disk")
+    driver_of(op.vm).managed_save(op.vm.domain_name)
+    Vm.objects.filter(pk=op.vm.pk).update(**NO_CONSOLE)
+    vm_observe(op.vm, ObservedState.SAVED, "")
+
+
 def resume(op: Operation) -> None:
+    """A paused VM runs on; one suspended to disk is restored (a start)."""
     driver = driver_of(op.vm)
-    driver.resume(op.vm.domain_name)
+    if op.vm.observed_state == ObservedState.SAVED:
+        driver.start(op.vm.domain_name)
+    else:
+        driver.resume(op.vm.domain_name)
     _desire(op.vm, DesiredState.RUNNING)
     _running(op.vm, driver)
 

@@ -61,7 +61,7 @@ class Kind:
 
 
 S = ObservedState
-_CREATED = frozenset({S.RUNNING, S.PAUSED, S.SHUTOFF, S.CRASHED, S.MISSING, S.UNKNOWN})
+_CREATED = frozenset({S.RUNNING, S.PAUSED, S.SAVED, S.SHUTOFF, S.CRASHED, S.MISSING, S.UNKNOWN})
 _ON_DISK = frozenset({S.RUNNING, S.PAUSED, S.SHUTOFF, S.CRASHED})
 
 CATALOGUE: dict[str, Kind] = {
@@ -70,15 +70,22 @@ CATALOGUE: dict[str, Kind] = {
         Kind(
             OperationKind.START,
             executors.start,
-            accepts=frozenset({S.SHUTOFF, S.CRASHED}),
+            accepts=frozenset({S.SHUTOFF, S.CRASHED, S.SAVED}),
             already=frozenset({S.RUNNING}),
             bulk=True,
         ),
         Kind(OperationKind.SUSPEND, executors.suspend, accepts=frozenset({S.RUNNING}), bulk=True),
         Kind(
+            OperationKind.SAVE,
+            executors.save,
+            accepts=frozenset({S.RUNNING, S.PAUSED}),
+            already=frozenset({S.SAVED}),
+            bulk=True,
+        ),
+        Kind(
             OperationKind.RESUME,
             executors.resume,
-            accepts=frozenset({S.PAUSED}),
+            accepts=frozenset({S.PAUSED, S.SAVED}),
             already=frozenset({S.RUNNING}),
             bulk=True,
         ),

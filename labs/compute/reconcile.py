@@ -21,7 +21,13 @@ from labs.choices import (
     OperationStatus,
 )
 from labs.compute import dispatch, placement
-from labs.compute.records import observed_of, vm_console_record, vm_consoles_close, vm_observe
+from labs.compute.records import (
+    observed_of,
+    state_history,
+    vm_console_record,
+    vm_consoles_close,
+    vm_observe,
+)
 from labs.drivers.base import HypervisorError
 from labs.drivers.registry import driver_for
 from labs.live import events
@@ -70,6 +76,7 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
         )
         for vm in vms:
             if vm.observed_state != ObservedState.UNKNOWN:
+                state_history(vm, ObservedState.UNKNOWN, now)
                 events.vm_changed(vm=vm)
         log.warning("reconcile: host %s did not answer: %s", host.name, error)
         return report

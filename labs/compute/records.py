@@ -9,12 +9,12 @@ from collections.abc import Callable
 from django.conf import settings
 from django.utils import timezone
 
-from labs.choices import ObservedState
+from labs.choices import ObservedState, OperationStatus
 from labs.consoles import tickets
 from labs.drivers.base import Driver, HypervisorError, HypervisorUnavailable
 from labs.drivers.registry import driver_for
 from labs.live import events
-from labs.models import Operation, Vm
+from labs.models import Operation, StateChange, Vm
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ DOMAIN_STATES = {
     "paused": ObservedState.PAUSED,
     "suspended": ObservedState.PAUSED,
     "shutoff": ObservedState.SHUTOFF,
+    "saved": ObservedState.SAVED,  # shut off with a managed save image
     "crashed": ObservedState.CRASHED,
 }
 
@@ -51,10 +52,28 @@ def vm_observe(vm: Vm, state: str, message: str | None = None) -> None:
     fields = {"observed_state": state, "observed_at": timezone.now()}
     if message is not None:
         fields["status_message"] = message
+    previous = vm.observed_state
     Vm.objects.filter(pk=vm.pk).update(**fields)
     vm.observed_state = state
+    if state != previous:
+        state_history(vm, state, fields["observed_at"])
     if changed:
         events.vm_changed(vm=vm)
+
+
+def state_history(vm: Vm, state: str, at) -> None:
+    """Append to the VM's state history (usage hours are read from it). A RUNNING row
+    names who asked for the operation running now on the VM (none: it started itself, or
+    the course clock or Stratus started it)."""
+    started_by = None
+    if state == ObservedState.RUNNING:
+        started_by = (
+            Operation.objects.filter(vm_id=vm.pk, status=OperationStatus.RUNNING)
+            .order_by("-started_at")
+            .values_list("requested_by_id", flat=True)
+            .first()
+        )
+    StateChange.objects.create(vm_id=vm.pk, state=state, at=at, started_by_id=started_by)
 
 
 def vm_console_record(vm: Vm, driver: Driver | None = None) -> None:

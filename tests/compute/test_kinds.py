@@ -83,15 +83,25 @@ def test_every_kind_has_one_entry_with_an_executor():
 def test_paused_vms_offer_resume_not_start_and_running_ones_suspend(make_vm, group_a):
     running = make_vm(group_a, name="vm1")
     paused = make_vm(group_a, name="vm2", observed_state=ObservedState.PAUSED)
+    saved = make_vm(group_a, name="vm3", observed_state=ObservedState.SAVED)
     assert [k.kind for k in kinds.on_vm_card(running)] == [
         "suspend",
+        "save",
         "stop",
         "reboot",
         "force_off",
         "reset",
         "delete",
     ]
-    assert [k.kind for k in kinds.on_vm_card(paused)] == ["resume", "force_off", "reset", "delete"]
+    assert [k.kind for k in kinds.on_vm_card(paused)] == [
+        "save",
+        "resume",
+        "force_off",
+        "reset",
+        "delete",
+    ]
+    # Suspended to disk: resume (or start) restores it; nothing else runs on a saved VM.
+    assert [k.kind for k in kinds.on_vm_card(saved)] == ["start", "resume", "reset", "delete"]
 
 
 @pytest.mark.parametrize(

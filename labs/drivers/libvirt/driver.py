@@ -48,6 +48,14 @@ STATE_NAMES = {
 }
 
 
+def _saved_or(dom: libvirt.virDomain, state: str) -> str:
+    """ "saved" for a shut-off domain with a managed save image (suspended to disk), else
+    ``state``: libvirt reports such a domain as shut off."""
+    if state == "shutoff" and dom.hasManagedSaveImage(0):
+        return "saved"
+    return state
+
+
 class LibvirtDriver(StorageMixin):
     """The :class:`~labs.drivers.base.Driver` for one libvirt host (``qemu:///system``,
     ``qemu+ssh://…``, ``qemu+tls://…``).
@@ -112,7 +120,7 @@ class LibvirtDriver(StorageMixin):
 
     @staticmethod
     def _state_of(dom: libvirt.virDomain) -> str:
-        return STATE_NAMES.get(dom.state()[0], "nostate")
+        return _saved_or(dom, STATE_NAMES.get(dom.state()[0], "nostate"))
 
     # -- capabilities --
 
@@ -262,7 +270,7 @@ class LibvirtDriver(StorageMixin):
                 name = dom.name()
                 if not name.startswith(DOMAIN_PREFIX):
                     continue
-                state = STATE_NAMES.get(values.get("state.state", 0), "nostate")
+                state = _saved_or(dom, STATE_NAMES.get(values.get("state.state", 0), "nostate"))
                 result[dom.UUIDString()] = DomainState(dom.UUIDString(), name, state)
             return result
 
@@ -363,6 +371,22 @@ class LibvirtDriver(StorageMixin):
                 raise HypervisorError(f"VM {name} is not running on host {self.host}")
             dom.suspend()
             log.info("suspended %s on %s", name, self.host)
+
+    def managed_save(self, name: str) -> None:
+        """Suspend the VM to disk: libvirt writes its memory and device state to a file on
+        the host and ends QEMU, so the VM holds no RAM or vCPU; the next ``start`` restores
+        it where it was (processes, files in /dev/shm). A VM already saved is left alone."""
+        dom = self._domain(name)
+        with self._errors(f"suspending VM {name} to disk"):
+            if not dom.isActive():
+                if dom.hasManagedSaveImage(0):
+                    return
+                raise HypervisorError(f"VM {name} is not running on host {self.host}")
+            started = time.monotonic()
+            dom.managedSave(0)
+            log.info(
+                "saved %s to disk on %s in %.1f s", name, self.host, time.monotonic() - started
+            )
 
     def resume(self, name: str) -> None:
         """Let a paused VM run on; a running VM is left alone."""

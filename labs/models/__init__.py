@@ -1,0 +1,47 @@
+"""The labs app's models, one module per part of the domain; everything is importable from
+``labs.models`` as before (migrations name ``labs.models.validate_libvirt_uri`` and
+``labs.models._default_time_zone``).
+
+- ``courses``: Course, Group, Membership
+- ``hosts``: Host, Image, VmTemplate
+- ``vms``: Vm, Snapshot, ConsoleSession, the state history, archives
+- ``operations``: Operation and how the pages name who asked and why it waits
+- ``schedule``: the course clock's classes, holidays and the actions it took
+"""
+
+from labs.models.courses import Course, Group, Membership, _default_time_zone
+from labs.models.hosts import Host, Image, VmTemplate, clock
+from labs.models.operations import (
+    WAIT_NOTICE_SECONDS,
+    Operation,
+    requester_label,
+    waiting_note,
+)
+from labs.models.schedule import ClassHoliday, ClassSession, ClockAction
+from labs.models.vms import ConsoleSession, Snapshot, StateChange, Vm, VmArchive, VmQuerySet
+from labs.validators import validate_libvirt_uri
+
+__all__ = [
+    "WAIT_NOTICE_SECONDS",
+    "ClassHoliday",
+    "ClassSession",
+    "ClockAction",
+    "ConsoleSession",
+    "Course",
+    "Group",
+    "Host",
+    "Image",
+    "Membership",
+    "Operation",
+    "Snapshot",
+    "StateChange",
+    "Vm",
+    "VmArchive",
+    "VmQuerySet",
+    "VmTemplate",
+    "_default_time_zone",
+    "clock",
+    "requester_label",
+    "validate_libvirt_uri",
+    "waiting_note",
+]
