@@ -17,7 +17,7 @@ from labs.choices import DesiredState
 from labs.compute.moves import vm_move_request
 from labs.compute.placement import hosts_with_usage, usage_of
 from labs.errors import StratusError, message_of
-from labs.forms import MoveForm, RejectForm
+from labs.forms import MoveForm, RejectForm, RolloverForm
 from labs.models import (
     ClassHoliday,
     ClassSession,
@@ -32,6 +32,7 @@ from labs.models import (
     VmTemplate,
 )
 from labs.people import groups as group_services
+from labs.people.rollover import course_rollover
 
 
 def quota_caps(course: Course) -> dict[str, int]:
@@ -152,6 +153,46 @@ class CourseAdmin(CourseScopedAdmin):
     @admin.display(description="signup open", boolean=True)
     def signup_open(self, obj):
         return obj.is_signup_open
+
+    # Next term's course (labs/people/rollover.py): superusers only.
+    actions = ["rollover"]
+
+    def has_rollover_permission(self, request):
+        return request.user.is_superuser
+
+    @admin.action(description="Roll over to a new term", permissions=["rollover"])
+    def rollover(self, request, queryset):
+        form = RolloverForm(request.POST if "new_slug" in request.POST else None)
+        if queryset.count() != 1:
+            self.message_user(request, "Roll over one course at a time.", level=messages.ERROR)
+            return None
+        course = queryset.get()
+        if form.is_valid():
+            try:
+                new = course_rollover(
+                    course=course,
+                    slug=form.cleaned_data["new_slug"],
+                    term=form.cleaned_data["term"],
+                    by=request.user,
+                )
+            except (StratusError, ValidationError) as error:
+                self.message_user(request, message_of(error), level=messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"Created {new.slug} ({new.term}) from {course.slug}: set its signup "
+                    "dates, deadline and end of term.",
+                )
+            return None
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Roll {course.slug} over to a new term",
+            "course": course,
+            "form": form,
+            "opts": self.model._meta,
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/labs/course/rollover.html", context)
 
 
 @admin.register(Membership)

@@ -79,6 +79,7 @@ class OperationKind(models.TextChoices):
     MOVE = "move", "Move to another host"
     SAVE = "save", "Suspend to disk"
     DELETE = "delete", "Delete"
+    ARCHIVE = "archive", "Archive and remove"
 
 
 class OperationStatus(models.TextChoices):

@@ -153,3 +153,10 @@ class BulkActionForm(forms.Form):
         """The ticked groups as sent, to tick them again on a refused form."""
         raw = self.data.getlist("groups") if hasattr(self.data, "getlist") else []
         return {int(v) for v in raw if str(v).isdigit()}
+
+
+class RolloverForm(forms.Form):
+    """The admin's intermediate page for rolling a course over to a new term."""
+
+    new_slug = forms.SlugField(max_length=50, help_text="The new course's slug (os101-s27).")
+    term = forms.CharField(max_length=50, help_text="The new term (Spring 2027).")

@@ -127,3 +127,12 @@ def course_clock_tick() -> int:
     from labs.compute import clock
 
     return len(clock.clock_tick())
+
+
+@shared_task(name="labs.tasks.term_tick", ignore_result=True)
+def term_tick() -> int:
+    """Beat, every minute: the deadline's final snapshots, the end of term's warning and
+    archives (labs/compute/term.py); each request once, busy VMs next tick."""
+    from labs.compute import term
+
+    return term.term_tick()

@@ -17,7 +17,7 @@ from labs import access, selectors
 from labs.access import Action
 from labs.choices import GroupStatus, ObservedState, Role
 from labs.compute import bulk as bulk_services
-from labs.compute import clock, kinds, quotas, requests
+from labs.compute import clock, kinds, quotas, requests, term
 from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
 from labs.forms import (
@@ -101,12 +101,14 @@ def group_detail(request, group_id: int):
             vm.card_kinds = kinds.on_vm_card(vm)
             vm.snapshot_kinds = kinds.on_snapshot_row(vm)
             vm.takes_snapshots = kinds.takes_snapshots(vm)
+        term.page_buttons(vms=vms, user=request.user, course=group.course)
         quota = quotas.group_quota(group=group)
         usage = quotas.group_usage(group=group, vms=vms)
         context.update(
             vms=vms,
             operations=selectors.operations_of_group(group=group),
             outlook=clock.course_outlook(course=group.course),
+            term_notice=term.group_notice(course=group.course),
             quota=quota,
             usage=usage,
             left={key: max(quota[key] - usage[key], 0) for key in quota},
@@ -351,6 +353,7 @@ def _overview_page(request, course, form: BulkActionForm, status: int = 200):
     overview = selectors.course_overview(course=course)
     context = {
         "course": course,
+        "final_snapshots": term.final_snapshots(course),
         "overview": overview,
         "form": form,
         "kinds": form.fields["kind"].choices,

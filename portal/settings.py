@@ -216,10 +216,19 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_int("COURSE_CLOCK_INTERVAL_SECONDS", 60),
         "options": {"expires": 50},
     },
+    # The deadline's final snapshots and the end of term (labs/compute/term.py).
+    "term": {
+        "task": "labs.tasks.term_tick",
+        "schedule": env_int("COURSE_CLOCK_INTERVAL_SECONDS", 60),
+        "options": {"expires": 50},
+    },
 }
 
 # VMs
 STRATUS_IMAGE_DIR = env_str("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")
+# The end of term's archives (labs/compute/term.py): <course>/<group>-<vm>.qcow2 and its
+# manifest, written by the worker of the VM's host (docs/operations.md, Archives).
+STRATUS_ARCHIVE_DIR = env_str("STRATUS_ARCHIVE_DIR", "/var/lib/stratus/archive")
 # A shut-down holds a worker slot while the guest powers off: force it off after this.
 VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
 # How long an SSH-access update waits for a guest's agent (a guest just started boots first).

@@ -154,6 +154,14 @@ CATALOGUE: dict[str, Kind] = {
             audience=Audience.SYSTEM,
         ),
         Kind(
+            # The end of term (labs/compute/term.py): shut down, export the disk, delete.
+            OperationKind.ARCHIVE,
+            executors.archive,
+            accepts=frozenset({S.RUNNING, S.PAUSED, S.SAVED, S.SHUTOFF, S.CRASHED}),
+            audience=Audience.SYSTEM,
+            destroys=True,
+        ),
+        Kind(
             OperationKind.PROVISION,
             executors.provision,
             accepts=frozenset({S.NEW}),

@@ -12,7 +12,7 @@ from django.utils import timezone
 from labs import access
 from labs.access import Action
 from labs.choices import GroupStatus, OperationKind
-from labs.compute import dispatch, kinds, placement, quotas
+from labs.compute import dispatch, kinds, placement, quotas, term
 from labs.compute.kinds import Audience
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.live import events
@@ -120,6 +120,9 @@ def vm_operation_request(
         raise Invalid("Unknown operation.")
     vm = Vm.objects.select_related("host", "group__course").get(pk=vm.pk)
     requester_check(kind=entry, vm=vm, by=by)
+    # The deadline's rules: no revert or reset after it, no deleting a final snapshot.
+    if (locked := term.request_refusal(kind=entry.kind, vm=vm, by=by, params=params)) is not None:
+        raise locked
     rate_check(vm=vm, by=by)
     # Busy is left to the database's one-active-operation constraint (dispatch): one query
     # less, and the race between two requests is decided in one place.

@@ -225,6 +225,13 @@ class Driver(Protocol):
     # and which of ``base_images`` it holds ({"libvirt": version, path: "present"|why})
     def host_check(self, *, storage_dir: str, base_images: list[str]) -> dict[str, str]: ...
 
+    # archives (the end of term): the shut-off VM's disk flattened into a standalone
+    # compressed qcow2 on this machine; a VM made again around such a disk.
+    def disk_export(self, spec: VmSpec, dest: str) -> None: ...
+    def restore(
+        self, spec: VmSpec, *, disk: str, seed_iso: bytes, progress: Progress | None = None
+    ) -> None: ...
+
     # moving between hosts: the stopped VM ``source`` here is made to exist as ``target``
     # on ``to`` (a driver of the same kind), its disk, seed and snapshots with it, or
     # nothing is left there; this host's copy stays for the caller to delete once its

@@ -74,3 +74,25 @@ def group_reviewed(*, group: Group) -> int:
     if not messages:
         return 0
     return mail.mailers.default.send_messages(messages) or 0
+
+
+def term_ending(*, course: Course, when: str) -> int:
+    """Tell the members of the course's approved groups that the term ends on ``when``:
+    their VMs are archived and removed then (labs/compute/term.py)."""
+    from labs.choices import GroupStatus
+
+    groups = course.groups.filter(status=GroupStatus.APPROVED)
+    messages = [
+        _message(
+            to=m.user.email,
+            subject=f"[{course.slug}] The term ends on {when}: copy what you need",
+            template="labs/email/term_ending.txt",
+            context={"user": m.user, "group": group, "course": course, "when": when},
+        )
+        for group in groups
+        for m in group.memberships.select_related("user")
+        if m.user.email
+    ]
+    if not messages:
+        return 0
+    return mail.mailers.default.send_messages(messages) or 0

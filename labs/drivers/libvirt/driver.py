@@ -26,10 +26,11 @@ from labs.drivers.base import (
     VmSpec,
     validate_snapshot_name,
 )
-from labs.drivers.libvirt import agent, connection, migration
+from labs.drivers.libvirt import agent, archive, connection, migration
 from labs.drivers.libvirt.errors import classify, error_code
 from labs.drivers.libvirt.storage import GiB, StorageMixin
-from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml
+from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml, volume_xml
+from labs.drivers.qcow2 import qcow2_info
 
 log = logging.getLogger(__name__)
 
@@ -536,6 +537,56 @@ class LibvirtDriver(StorageMixin):
             else:
                 found[path] = "present"
         return found
+
+    # -- archives (labs/drivers/libvirt/archive.py) --
+
+    def disk_export(self, spec: VmSpec, dest: str) -> None:
+        """The shut-off VM's disk, flattened into a compressed standalone qcow2 at
+        ``dest`` on this machine (the host's worker runs it, where the disk is)."""
+        dom = self._own_domain(spec)
+        if dom is None:
+            raise DomainMissing(f"VM {spec.name} is not defined on host {self.host}")
+        with self._errors(f"checking that {spec.name} is shut off"):
+            if dom.isActive():
+                raise HypervisorError(f"VM {spec.name} is still running: shut it down first")
+        pool = self._pool_for(spec.storage_dir, create=False)
+        with self._errors(f"finding the disk of {spec.name}"):
+            archive.disk_export(self._conn, spec, pool, dest)
+
+    def restore(
+        self, spec: VmSpec, *, disk: str, seed_iso: bytes, progress: Progress | None = None
+    ) -> None:
+        """Make ``spec`` exist again with ``disk`` (a checked standalone qcow2 on this
+        machine) as its disk, streamed into the host's pool; defined and started."""
+        report = progress or (lambda _message: None)
+        if self._own_domain(spec) is not None:
+            raise HypervisorError(f"host {self.host} already has VM {spec.name}")
+        pool = self._pool_for(spec.storage_dir, create=True)
+        with self._errors(f"checking for an old disk of {spec.name}"):
+            if self._volume(pool, spec.overlay_name) is not None:
+                raise HypervisorError(
+                    f"host {self.host} already has a disk {spec.overlay_name}: delete it first"
+                )
+        report("copying the archived disk")
+        capacity = max(spec.disk_gib * GiB, qcow2_info(disk)["virtual-size"])
+        with self._errors(f"copying the archived disk of {spec.name}"):
+            volume = archive.disk_import(
+                self._conn,
+                pool,
+                spec,
+                disk,
+                volume_xml=volume_xml(spec.overlay_name, capacity=capacity, fmt="qcow2"),
+            )
+        report("writing cloud-init seed")
+        seed = self._write_seed(pool, spec, seed_iso)
+        xml = build_domain_xml(
+            spec, overlay_path=volume.path(), seed_path=seed.path(), standalone=True
+        )
+        with self._errors(f"defining VM {spec.name}"):
+            dom = self._conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+        report("starting VM")
+        self._start(dom)
+        log.info("restored %s on %s from %s", spec.name, self.host, disk)
 
     # -- moving between hosts --
 

@@ -36,7 +36,9 @@ def sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> 
     return element
 
 
-def build_domain_xml(spec: VmSpec, *, overlay_path: str, seed_path: str) -> str:
+def build_domain_xml(
+    spec: VmSpec, *, overlay_path: str, seed_path: str, standalone: bool = False
+) -> str:
     """The libvirt domain XML for ``spec``, built with ElementTree (never by formatting).
 
     Long on purpose: it is the one description of a VM's hardware, written top to bottom
@@ -79,11 +81,15 @@ def build_domain_xml(spec: VmSpec, *, overlay_path: str, seed_path: str) -> str:
     # The backing chain spelled out, so libvirt neither probes it nor relabels the shared
     # base image: without relabel='no' it chowns the base to the QEMU user (and leaves it
     # so), letting any QEMU process make it writable. QEMU only needs to read it.
-    backing = sub(disk, "backingStore", type="file")
-    sub(backing, "format", type="qcow2")
-    base_source = sub(backing, "source", file=spec.base_image)
-    sub(base_source, "seclabel", model="dac", relabel="no")
-    sub(backing, "backingStore")
+    # A restored archive (standalone) has no backing file: the chain ends at once.
+    if standalone:
+        sub(disk, "backingStore")
+    else:
+        backing = sub(disk, "backingStore", type="file")
+        sub(backing, "format", type="qcow2")
+        base_source = sub(backing, "source", file=spec.base_image)
+        sub(base_source, "seclabel", model="dac", relabel="no")
+        sub(backing, "backingStore")
     sub(disk, "target", dev="vda", bus="virtio")
 
     # The cloud kernel has no AHCI driver: the seed must be an IDE CD-ROM on the pc machine.
