@@ -120,8 +120,6 @@ class CourseAdmin(CourseScopedAdmin):
     prepopulated_fields = {"slug": ["title"]}
     inlines = [ClassSessionInline, ClassHolidayInline]
     clock_fields = ["time_zone", "clock_lead_minutes", "clock_after"]
-    # The deadline and the end of term are the instructors' too (labs/compute/term.py).
-    clock_fields = [*clock_fields, "deadline_at", "term_ends_at", "term_warning_days"]
 
     def has_change_permission(self, request, obj=None):
         # Instructors edit the class schedule and the clock's settings (every other field
