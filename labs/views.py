@@ -101,7 +101,7 @@ def group_detail(request, group_id: int):
             vm.card_kinds = kinds.on_vm_card(vm)
             vm.snapshot_kinds = kinds.on_snapshot_row(vm)
             vm.takes_snapshots = kinds.takes_snapshots(vm)
-            vm.idle_warning = idle.warning_of(vm)
+            vm.idle_warning, vm.kept_until = idle.warning_of(vm), idle.kept_until(vm)
         quota = quotas.group_quota(group=group)
         usage = quotas.group_usage(group=group, vms=vms)
         context.update(

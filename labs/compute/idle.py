@@ -290,6 +290,10 @@ def vm_keep_running(*, vm: Vm, by, now: datetime | None = None) -> datetime:
     return until
 
 
-def kept_running(vm: Vm, *, now: datetime | None = None) -> bool:
+def kept_until(vm: Vm, *, now: datetime | None = None) -> str:
+    """ "15:13" (the course's zone) while a Keep running holds, else ""."""
     now = now or timezone.now()
-    return vm.keep_running_until is not None and now < vm.keep_running_until
+    if vm.keep_running_until is None or now >= vm.keep_running_until:
+        return ""
+    zone = zoneinfo.ZoneInfo(vm.group.course.time_zone)
+    return f"{vm.keep_running_until.astimezone(zone):%H:%M}"

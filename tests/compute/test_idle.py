@@ -233,7 +233,9 @@ def test_keep_running_leaves_the_vm_alone_for_the_idle_time(vm, client_for, bob,
     assert response.status_code == 302
     assert fresh(vm).keep_running_until == T0 + timedelta(minutes=113)
     assert fresh(vm).idle_since is None
-    assert "has been idle" not in page(client_for(bob), group_a, T0 + timedelta(minutes=54))
+    text = page(client_for(bob), group_a, T0 + timedelta(minutes=54))
+    assert "has been idle" not in text
+    assert "not suspended for being idle before 14:53" in text  # 13:53 UTC, in Berlin
     # Left alone until minute 113; idle afresh from then: acted on at minute 173.
     assert ticks(T0 + timedelta(minutes=54), 118) == []
     assert [op.kind for op in tick(T0 + timedelta(minutes=173))] == [OperationKind.SAVE]

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from labs.drivers.libvirt import LibvirtDriver
+from labs.drivers.libvirt import LibvirtDriver, agent
 
 
 def define(conn, name: str, *, start: bool) -> str:
@@ -45,3 +45,14 @@ def test_guest_users_is_none_when_no_agent_answers_or_the_vm_is_off_or_missing(h
     assert hv.guest_users("stratus-vm-1", timeout=1) is None  # the test driver has no agent
     assert hv.guest_users("stratus-vm-2", timeout=1) is None
     assert hv.guest_users("stratus-vm-404", timeout=1) is None
+
+
+def test_guest_users_names_each_logged_in_user_once(monkeypatch):
+    # qemu-ga lists one entry per session (two SSH logins of alice: two entries).
+    reply = [
+        {"user": "alice", "login-time": 1765000000.5},
+        {"user": "bob", "login-time": 1765000001.0},
+        {"user": "alice", "login-time": 1765000002.0},
+    ]
+    monkeypatch.setattr(agent, "_command", lambda dom, execute, timeout: reply)
+    assert agent.users(object(), timeout=1) == ["alice", "bob"]
