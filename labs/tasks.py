@@ -136,3 +136,12 @@ def term_tick() -> int:
     from labs.compute import term
 
     return term.term_tick()
+
+
+@shared_task(name="labs.tasks.idle_tick", ignore_result=True)
+def idle_tick() -> int:
+    """Beat, every minute: idle VMs are warned about, then suspended to disk or shut down
+    by the course clock (labs/compute/idle.py)."""
+    from labs.compute import idle
+
+    return len(idle.idle_tick())

@@ -18,5 +18,6 @@ urlpatterns = [
     path("groups/<int:group_id>/vms/add/", views.vm_add, name="vm_add"),
     path("vms/<int:vm_id>/console/", views.vm_console, name="vm_console"),
     path("vms/<int:vm_id>/console/ticket", views.vm_console_ticket, name="vm_console_ticket"),
+    path("vms/<int:vm_id>/keep-running/", views.vm_keep_running, name="vm_keep_running"),
     path("vms/<int:vm_id>/<slug:kind>/", views.vm_operation, name="vm_operation"),
 ]

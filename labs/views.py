@@ -17,7 +17,7 @@ from labs import access, selectors
 from labs.access import Action
 from labs.choices import GroupStatus, ObservedState, Role
 from labs.compute import bulk as bulk_services
-from labs.compute import clock, kinds, quotas, requests, term
+from labs.compute import clock, idle, kinds, quotas, requests, term
 from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
 from labs.forms import (
@@ -101,6 +101,7 @@ def group_detail(request, group_id: int):
             vm.card_kinds = kinds.on_vm_card(vm)
             vm.snapshot_kinds = kinds.on_snapshot_row(vm)
             vm.takes_snapshots = kinds.takes_snapshots(vm)
+            vm.idle_warning, vm.kept_until = idle.warning_of(vm), idle.kept_until(vm)
         term.page_buttons(vms=vms, user=request.user, course=group.course)
         quota = quotas.group_quota(group=group)
         usage = quotas.group_usage(group=group, vms=vms)
@@ -248,6 +249,23 @@ def vm_operation(request, vm_id: int, kind: str):
         op.refresh_from_db(fields=["send_error"])
         later = "; it starts when the task queue is back" if op.send_error else ""
         messages.success(request, f"{op.get_kind_display()} of {vm.name} is queued{later}.")
+    if request.POST.get("then") == "console":  # the console page's Resume button
+        return redirect("labs:vm_console", vm_id=vm.pk)
+    return redirect("labs:group_detail", group_id=vm.group_id)
+
+
+@login_required
+@require_POST
+def vm_keep_running(request, vm_id: int):
+    """The idle warning's "Keep running" (labs/compute/idle.py)."""
+    vm = selectors.vm_for_user(user=request.user, vm_id=vm_id)
+    try:
+        until = idle.vm_keep_running(vm=vm, by=request.user)
+    except StratusError as error:
+        say_refusal(request, error)
+    else:
+        local = until.astimezone(clock.zone_of(vm.group.course))
+        messages.success(request, f"{vm.name} keeps running at least until {local:%H:%M}.")
     return redirect("labs:group_detail", group_id=vm.group_id)
 
 

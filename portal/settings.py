@@ -222,6 +222,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_int("COURSE_CLOCK_INTERVAL_SECONDS", 60),
         "options": {"expires": 50},
     },
+    # Idle machines: warned about, then suspended to disk (labs/compute/idle.py).
+    "idle": {
+        "task": "labs.tasks.idle_tick",
+        "schedule": env_int("IDLE_INTERVAL_SECONDS", 60),
+        "options": {"expires": 50},
+    },
 }
 
 # VMs

@@ -6,7 +6,7 @@ occurrences, merged where they overlap or touch, are the course's class *windows
 Around each window the clock acts twice, once per VM (docs/course-clock.md):
 
 - **before**: from ``lead`` minutes before the window's start until its end, a stopped
-  VM is started and a suspended one resumed;
+  VM is started and a suspended one (in RAM or to disk) resumed;
 - **after**: from the window's end until the next window's ready time (at most
   ``AFTER_DEADLINE`` later), a running VM is suspended or shut down (``clock_after``),
   unless a member is active in it: an open, not view-only console session.
@@ -193,7 +193,7 @@ def _want(course: Course, phase: str, state: str) -> str | None:
     if phase == ClockPhase.BEFORE:
         if state in (ObservedState.SHUTOFF, ObservedState.CRASHED):
             return OperationKind.START
-        if state == ObservedState.PAUSED:
+        if state in (ObservedState.PAUSED, ObservedState.SAVED):  # SAVED: suspended to disk
             return OperationKind.RESUME
         return None
     if state != ObservedState.RUNNING:

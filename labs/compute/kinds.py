@@ -45,6 +45,8 @@ class Kind:
     bulk: bool = False  # offered by the overview's bulk form
     button: str = ""  # the button's text when it is not the label
     already: frozenset[str] = field(default_factory=frozenset)  # "is already running"
+    # States it accepts without a button on the VM's card (another kind says it better).
+    off_card: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def label(self) -> str:
@@ -73,6 +75,9 @@ CATALOGUE: dict[str, Kind] = {
             accepts=frozenset({S.SHUTOFF, S.CRASHED, S.SAVED}),
             already=frozenset({S.RUNNING}),
             bulk=True,
+            # A VM suspended to disk is resumed: the card offers Resume alone (Start still
+            # restores it, for the bulk form and the course clock).
+            off_card=frozenset({S.SAVED}),
         ),
         Kind(OperationKind.SUSPEND, executors.suspend, accepts=frozenset({S.RUNNING}), bulk=True),
         Kind(
@@ -195,6 +200,7 @@ def on_vm_card(vm: Vm) -> list[Kind]:
         if k.audience != Audience.SYSTEM
         and k.params == Params.NONE
         and vm.observed_state in k.accepts
+        and vm.observed_state not in k.off_card
     ]
 
 

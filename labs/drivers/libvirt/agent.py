@@ -166,3 +166,11 @@ def keys_set(dom: libvirt.virDomain, user: str, *, keys: list[str], remove: list
                 f"the guest's agent did not update the SSH keys of {user} "
                 f"({len(held)} held after the change)"
             )
+
+
+def users(dom: libvirt.virDomain, *, timeout: float) -> list[str]:
+    """The users logged in inside the guest (qemu-ga ``guest-get-users``, which reads
+    utmp: a console login or an interactive SSH session counts, ``ssh host cmd`` does
+    not), each name once. Raises libvirt's error when the agent does not answer."""
+    reply = _command(dom, "guest-get-users", timeout) or []
+    return sorted({str(entry.get("user", "")) for entry in reply if entry.get("user")})

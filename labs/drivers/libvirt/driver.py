@@ -519,6 +519,37 @@ class LibvirtDriver(StorageMixin):
             time.monotonic() - started,
         )
 
+    def guest_users(self, name: str, *, timeout: float = 5) -> list[str] | None:
+        """Who is logged in inside the running VM (its guest agent reads utmp); None when
+        the agent does not answer in ``timeout`` seconds, the VM is not running or not
+        there: the caller cannot see inside it (labs/compute/idle.py counts that as in use).
+        """
+        try:
+            dom = self._domain(name)
+            with self._errors(f"asking the guest agent of {name} who is logged in"):
+                if not dom.isActive():
+                    return None
+                return agent.users(dom, timeout=timeout)
+        except HypervisorError:
+            return None
+
+    def cpu_times(self) -> dict[str, int]:
+        """The cumulative CPU time (ns, all vCPUs) of every running Stratus domain, keyed
+        by uuid, from one ``getAllDomainStats`` round trip (``dom.info()`` for a driver
+        whose stats leave ``cpu.time`` out, as libvirt's test driver does)."""
+        with self._errors("reading CPU times"):
+            stats = self._conn.getAllDomainStats(
+                libvirt.VIR_DOMAIN_STATS_CPU_TOTAL,
+                libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
+            )
+            result = {}
+            for dom, values in stats:
+                if not dom.name().startswith(DOMAIN_PREFIX):
+                    continue
+                cpu = values.get("cpu.time")
+                result[dom.UUIDString()] = int(cpu if cpu is not None else dom.info()[4])
+            return result
+
     # -- registering a host --
 
     def host_check(self, *, storage_dir: str, base_images: list[str]) -> dict[str, str]:
