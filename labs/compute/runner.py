@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -113,9 +113,12 @@ def _run(op: Operation, *, may_retry: bool) -> RunOutcome:
         log.exception("operation %s (%s) crashed", op.pk, op.kind)
         _finish(op, OperationStatus.FAILED, "Internal error; the operators have the details.")
         raise
-    _finish(op, OperationStatus.SUCCEEDED, progress="done")
-    # A VM that runs again (start, revert, …) gets the SSH access it missed at once.
-    ssh_access.syncs_request(Vm.objects.filter(pk=op.vm_id))
+    # A VM that runs again (start, revert, …) gets the SSH access it missed at once. One
+    # transaction: nobody sees the VM idle between the two (a request would slip in, a
+    # page would show it free for a moment).
+    with transaction.atomic():
+        _finish(op, OperationStatus.SUCCEEDED, progress="done")
+        ssh_access.syncs_request(Vm.objects.filter(pk=op.vm_id))
     return RunOutcome("succeeded")
 
 
