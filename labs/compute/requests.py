@@ -12,7 +12,7 @@ from django.utils import timezone
 from labs import access
 from labs.access import Action
 from labs.choices import GroupStatus, OperationKind
-from labs.compute import dispatch, kinds, placement, quotas
+from labs.compute import dispatch, kinds, placement, quotas, usage
 from labs.compute.kinds import Audience
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.live import events
@@ -121,6 +121,7 @@ def vm_operation_request(
     vm = Vm.objects.select_related("host", "group__course").get(pk=vm.pk)
     requester_check(kind=entry, vm=vm, by=by)
     rate_check(vm=vm, by=by)
+    usage.hours_check(kind=entry.kind, vm=vm, by=by)  # a group past its hours runs no more
     # Busy is left to the database's one-active-operation constraint (dispatch): one query
     # less, and the race between two requests is decided in one place.
     refused = kinds.refusal(entry, vm, active=None)
