@@ -148,13 +148,25 @@ def _split_by_day(start: datetime, end: datetime, zone) -> list[tuple[date, floa
 
 
 def usage_count(
-    *, course: Course, group: Group | None = None, now: datetime | None = None
+    *,
+    course: Course,
+    group: Group | None = None,
+    student: AbstractBaseUser | None = None,
+    now: datetime | None = None,
 ) -> Counted:
-    """Count the course's running time (or one group's): one query for the state history."""
+    """Count the course's running time: one query for the state history. With ``group``
+    only that group's VMs are read (and, with ``student``, every VM of the course the
+    student started: their hours are theirs across groups)."""
     now = (now or timezone.now()).astimezone(UTC)
     rows = StateChange.objects.filter(vm__group__course=course)
     if group is not None:
-        rows = rows.filter(vm__group=group)
+        mine = Q(vm__group=group)
+        if student is not None:
+            started = StateChange.objects.filter(
+                started_by=student, vm__group__course=course
+            ).values("vm_id")
+            mine |= Q(vm__in=started)
+        rows = rows.filter(mine)
     rows = list(
         rows.order_by("vm_id", "at", "pk").values_list(
             "vm_id", "vm__group_id", "state", "at", "started_by_id"
@@ -236,7 +248,8 @@ def hours_check(*, kind: str, vm: Vm, by: AbstractBaseUser | None) -> None:
     now = timezone.now()
     if in_free_class(course, now):
         return
-    counted = usage_count(course=course, group=group, now=now)
+    student = by if course.hours_per_student else None
+    counted = usage_count(course=course, group=group, student=student, now=now)
     if counted.group_hours(group.pk) >= allowance:
         raise OverQuota(over_message(allowance=allowance, you=False))
     if course.hours_per_student and counted.student_hours(by.pk) >= allowance:
@@ -276,14 +289,17 @@ def group_hours(
 ) -> GroupHours:
     """The group page's "Hours: 12.5 of 40 h this term" line (and the viewer's own)."""
     course = group.course
-    counted = usage_count(course=course, group=group, now=now)
-    allowance = allowance_of(course=course, group=group)
-    used = counted.group_hours(group.pk)
-    you = you_level = None
+    student = None
     if (
         course.hours_per_student
         and group.memberships.filter(user=user, role=Role.STUDENT).exists()
     ):
+        student = user
+    counted = usage_count(course=course, group=group, student=student, now=now)
+    allowance = allowance_of(course=course, group=group)
+    used = counted.group_hours(group.pk)
+    you = you_level = None
+    if student is not None:
         you = counted.student_hours(user.pk)
         you_level = _level(you, allowance)
     return GroupHours(
