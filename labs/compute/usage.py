@@ -78,15 +78,19 @@ def _merged(spans: list[tuple[datetime, datetime]]) -> list[tuple[datetime, date
 
 
 def minus(
-    start: datetime, end: datetime, holes: list[tuple[datetime, datetime]]
+    start: datetime,
+    end: datetime,
+    holes: list[tuple[datetime, datetime]],
+    ends: list[datetime] | None = None,
 ) -> list[tuple[datetime, datetime]]:
     """[start, end) without the ``holes`` (sorted, non-overlapping UTC spans, as
-    ``_merged`` makes them): the pieces left, in order. Arithmetic in UTC, so a
-    daylight-saving change is an hour more or less, as it was."""
+    ``_merged`` makes them; ``ends``: their ends, when the caller has them): the pieces
+    left, in order. Arithmetic in UTC, so a daylight-saving change is an hour more or
+    less, as it was."""
     start, end = start.astimezone(UTC), end.astimezone(UTC)
     pieces = []
     # The first hole that ends after ``start``: holes are sorted by start and by end alike.
-    i = bisect_right([e for _, e in holes], start)
+    i = bisect_right(ends if ends is not None else [e for _, e in holes], start)
     cursor = start
     while i < len(holes) and holes[i][0] < end:
         hole_start, hole_end = holes[i]
@@ -134,17 +138,32 @@ def class_holes(course: Course, since: datetime, now: datetime) -> list[tuple[da
     return _merged([(w.start, w.end) for w in clock.windows(course, since, now)])
 
 
-def _split_by_day(start: datetime, end: datetime, zone) -> list[tuple[date, float]]:
-    """[start, end) cut at the course's local midnights: (local day, seconds) pairs."""
-    out = []
-    day = start.astimezone(zone).date()
-    while True:
-        midnight = clock.local_datetime(day + timedelta(days=1), time(0), zone).astimezone(UTC)
-        if end <= midnight:
-            out.append((day, (end - start).total_seconds()))
-            return out
-        out.append((day, (midnight - start).total_seconds()))
-        start, day = midnight, day + timedelta(days=1)
+class _Days:
+    """Cuts UTC spans at the course's local midnights (each midnight computed once)."""
+
+    def __init__(self, zone) -> None:
+        self.zone = zone
+        self.midnights: dict[date, datetime] = {}
+
+    def _end_of(self, day: date) -> datetime:
+        midnight = self.midnights.get(day)
+        if midnight is None:
+            after = day + timedelta(days=1)
+            midnight = clock.local_datetime(after, time(0), self.zone).astimezone(UTC)
+            self.midnights[day] = midnight
+        return midnight
+
+    def split(self, start: datetime, end: datetime) -> list[tuple[date, float]]:
+        """[start, end) as (local day, seconds) pairs."""
+        out = []
+        day = start.astimezone(self.zone).date()
+        while True:
+            midnight = self._end_of(day)
+            if end <= midnight:
+                out.append((day, (end - start).total_seconds()))
+                return out
+            out.append((day, (midnight - start).total_seconds()))
+            start, day = midnight, day + timedelta(days=1)
 
 
 def usage_count(
@@ -153,10 +172,12 @@ def usage_count(
     group: Group | None = None,
     student: AbstractBaseUser | None = None,
     now: datetime | None = None,
+    by_day: bool = False,
 ) -> Counted:
     """Count the course's running time: one query for the state history. With ``group``
     only that group's VMs are read (and, with ``student``, every VM of the course the
-    student started: their hours are theirs across groups)."""
+    student started: their hours are theirs across groups); ``by_day`` also sums the
+    hours per local day (the chart)."""
     now = (now or timezone.now()).astimezone(UTC)
     rows = StateChange.objects.filter(vm__group__course=course)
     if group is not None:
@@ -178,7 +199,8 @@ def usage_count(
     since = since.astimezone(UTC)
     counted = Counted(course=course, since=since, now=now)
     holes = class_holes(course, since, now)
-    zone = clock.zone_of(course)
+    ends = [e for _, e in holes]
+    days = _Days(clock.zone_of(course))
     for i, (vm_id, group_id, state, at, started_by) in enumerate(rows):
         if state != ObservedState.RUNNING:
             continue
@@ -191,14 +213,16 @@ def usage_count(
         start, end = max(at.astimezone(UTC), since), min(end.astimezone(UTC), now)
         if end <= start:
             continue
-        pieces = minus(start, end, holes)
+        pieces = minus(start, end, holes, ends) if holes else [(start, end)]
         seconds = _seconds(pieces)
         counted.vm[vm_id] += seconds
         counted.group[group_id] += seconds
         if started_by is not None:
             counted.student[started_by] += seconds
+        if not by_day:
+            continue
         for piece_start, piece_end in pieces:
-            for day, part in _split_by_day(piece_start, piece_end, zone):
+            for day, part in days.split(piece_start, piece_end):
                 counted.day[day] += part
     return counted
 
@@ -542,7 +566,7 @@ def course_report(*, course: Course, now: datetime | None = None) -> Report:
     snapshots held and idle suspensions, and hours per day. Five queries whatever the
     number of groups: the state history, the schedule (two), the groups with their
     counts, the members."""
-    counted = usage_count(course=course, now=now)
+    counted = usage_count(course=course, now=now, by_day=True)
     groups = (
         Group.objects.filter(course=course, status=GroupStatus.APPROVED)
         .annotate(

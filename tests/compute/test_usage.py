@@ -147,7 +147,7 @@ def test_hours_across_a_daylight_saving_change_are_real_hours_and_the_class_loca
         (S.RUNNING, berlin(2026, 10, 25, 0)),
         (S.SHUTOFF, berlin(2026, 10, 25, 6)),  # 7 real hours
     )
-    counted = usage.usage_count(course=fresh(term), now=utc(2026, 11, 1))
+    counted = usage.usage_count(course=fresh(term), now=utc(2026, 11, 1), by_day=True)
     assert counted.vm[vm.pk] / 3600 == pytest.approx(4.5 + 7)
     assert counted.day[date(2026, 3, 29)] / 3600 == pytest.approx(4.5)
     assert counted.day[date(2026, 10, 25)] / 3600 == pytest.approx(7)
@@ -156,7 +156,7 @@ def test_hours_across_a_daylight_saving_change_are_real_hours_and_the_class_loca
 def test_a_stretch_over_midnight_is_split_between_the_local_days(term, group_a, make_vm):
     vm = make_vm(group_a)
     history(vm, (S.RUNNING, berlin(2026, 3, 2, 22)), (S.SHUTOFF, berlin(2026, 3, 3, 1, 30)))
-    counted = usage.usage_count(course=term, now=utc(2026, 3, 4))
+    counted = usage.usage_count(course=term, now=utc(2026, 3, 4), by_day=True)
     assert {d: s / 3600 for d, s in counted.day.items()} == {
         date(2026, 3, 2): pytest.approx(2),
         date(2026, 3, 3): pytest.approx(1.5),
