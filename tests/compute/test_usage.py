@@ -360,3 +360,14 @@ def test_the_hours_are_a_beat_entry_every_five_minutes():
     entry = app.conf.beat_schedule["usage-hours"]
     assert entry["task"] == "labs.tasks.usage_tick" and entry["task"] in app.tasks
     assert entry["schedule"] == 300
+
+
+def test_extra_hours_that_bring_a_warned_group_under_80_percent_let_it_be_warned_again(
+    term, group_a, make_vm, published, sent
+):
+    running_for(term, make_vm(group_a), hours=33)
+    tick()
+    Group.objects.filter(pk=group_a.pk).update(extra_hours=20)  # 33 of 60 h: 55 %
+    tick()
+    assert Group.objects.get(pk=group_a.pk).hours_warned_at is None
+    assert published == [group_a.pk]
