@@ -484,7 +484,7 @@ class Chart:
         if not self.bars:
             return "No days yet."
         first, last = self.bars[0].day, self.bars[-1].day
-        return f"{total:.1f} running hours from {first:%-d %b} to {last:%-d %b %Y}."
+        return f"{total:.1f} running hours from {first.day} {first:%b} to {last.day} {last:%b %Y}."
 
 
 LIVE_STATES = (DesiredState.RUNNING, DesiredState.STOPPED)  # a VM not deleted
