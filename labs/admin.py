@@ -120,6 +120,8 @@ class CourseAdmin(CourseScopedAdmin):
     prepopulated_fields = {"slug": ["title"]}
     inlines = [ClassSessionInline, ClassHolidayInline]
     clock_fields = ["time_zone", "clock_lead_minutes", "clock_after"]
+    # Usage hours (labs/compute/usage.py): set by the course's instructors, as the clock.
+    hours_fields = ["hours_quota", "hours_per_student", "hours_exclude_class"]
 
     def has_change_permission(self, request, obj=None):
         # Instructors edit the class schedule and the clock's settings (every other field
@@ -137,8 +139,18 @@ class CourseAdmin(CourseScopedAdmin):
             return self.readonly_fields
         every = [f.name for f in Course._meta.fields if f.editable and f.name != "id"]
         if _may_schedule(request, obj):
-            return [f for f in every if f not in self.clock_fields]
+            return [f for f in every if f not in self.clock_fields + self.hours_fields]
         return every
+
+    def get_fieldsets(self, request, obj=None):
+        """Django's one fieldset of every field, with the hours fields in their own."""
+        (name, options), *rest = super().get_fieldsets(request, obj)
+        fields = [f for f in options["fields"] if f not in self.hours_fields]
+        return [
+            (name, {**options, "fields": fields}),
+            *rest,
+            ("Usage hours", {"fields": self.hours_fields}),
+        ]
 
     def get_prepopulated_fields(self, request, obj=None):
         return self.prepopulated_fields if request.user.is_superuser else {}
@@ -266,6 +278,7 @@ class GroupAdmin(CourseScopedAdmin):
         "created_by",
         "created_at",
         "updated_at",
+        "hours_warned_at",
     ]
     quota_fields = ["quota_vms", "quota_vcpus", "quota_memory_mib", "quota_disk_gib"]
     fieldsets = [
@@ -278,9 +291,12 @@ class GroupAdmin(CourseScopedAdmin):
             "SSH key",
             {"fields": ["ssh_key_fingerprint", "ssh_key_type", "ssh_key_bits", "ssh_public_key"]},
         ),
+        ("Usage hours", {"fields": ["extra_hours", "hours_warned_at"]}),
         ("Review", {"fields": ["reviewed_by", "reviewed_at", "review_note"]}),
         ("History", {"fields": ["created_by", "created_at", "updated_at"]}),
     ]
+    # What an instructor of the group's course may change (Action.QUOTA); TAs none.
+    hours_fields = ["extra_hours"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("memberships__user")
@@ -295,7 +311,7 @@ class GroupAdmin(CourseScopedAdmin):
             return self.readonly_fields
         every = [f for _, opts in self.fieldsets for f in opts["fields"]]
         if obj is not None and access.may(request.user, access.Action.QUOTA, obj.course):
-            return [f for f in every if f not in self.quota_fields]
+            return [f for f in every if f not in self.quota_fields + self.hours_fields]
         return every
 
     def get_form(self, request, obj=None, **kwargs):
@@ -303,7 +319,16 @@ class GroupAdmin(CourseScopedAdmin):
         user = request.user
 
         class CappedForm(form):
-            """Quotas an instructor sets stay within the course's caps."""
+            """Quotas an instructor sets stay within the course's caps; empty extra hours
+            are none."""
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                if "extra_hours" in self.fields:
+                    self.fields["extra_hours"].required = False
+
+            def clean_extra_hours(self):
+                return self.cleaned_data.get("extra_hours") or 0
 
             def clean(self):
                 data = super().clean()

@@ -145,3 +145,12 @@ def idle_tick() -> int:
     from labs.compute import idle
 
     return len(idle.idle_tick())
+
+
+@shared_task(name="labs.tasks.usage_tick", ignore_result=True)
+def usage_tick() -> int:
+    """Beat, every 5 minutes: the usage-hours quota warns groups at 80 % and suspends the
+    running VMs to disk at 100 % (labs/compute/usage.py)."""
+    from labs.compute import usage
+
+    return len(usage.usage_tick())

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from labs import views
+from labs import reports, views
 
 app_name = "labs"
 
@@ -10,6 +10,7 @@ urlpatterns = [
     path("courses/<slug:slug>/signup/", views.group_signup, name="group_signup"),
     path("courses/<slug:slug>/overview/", views.course_overview, name="course_overview"),
     path("courses/<slug:slug>/bulk/", views.course_bulk, name="course_bulk"),
+    path("courses/<slug:slug>/usage.csv", reports.course_usage_csv, name="course_usage_csv"),
     path("groups/<int:group_id>/", views.group_detail, name="group_detail"),
     path("groups/<int:group_id>/edit/", views.group_edit, name="group_edit"),
     path("groups/<int:group_id>/key/", views.group_key, name="group_key"),

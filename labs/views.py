@@ -18,6 +18,7 @@ from labs.access import Action
 from labs.choices import GroupStatus, ObservedState, Role
 from labs.compute import bulk as bulk_services
 from labs.compute import clock, idle, kinds, quotas, requests, term
+from labs.compute import usage as usage_hours
 from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
 from labs.forms import (
@@ -113,6 +114,7 @@ def group_detail(request, group_id: int):
             quota=quota,
             usage=usage,
             left={key: max(quota[key] - usage[key], 0) for key in quota},
+            hours=usage_hours.group_hours(group=group, user=request.user),
         )
     if is_member and group.is_editable:
         context["edit_form"] = GroupEditForm(
@@ -373,6 +375,7 @@ def _overview_page(request, course, form: BulkActionForm, status: int = 200):
         "course": course,
         "final_snapshots": term.final_snapshots(course),
         "overview": overview,
+        "usage": usage_hours.course_report(course=course),
         "form": form,
         "kinds": form.fields["kind"].choices,
         "scopes": BulkActionForm.SCOPES,

@@ -228,6 +228,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_int("IDLE_INTERVAL_SECONDS", 60),
         "options": {"expires": 50},
     },
+    # Usage hours: warned at 80 %, running VMs saved to disk at 100 % (labs/compute/usage.py).
+    "usage-hours": {
+        "task": "labs.tasks.usage_tick",
+        "schedule": env_int("USAGE_INTERVAL_SECONDS", 300),
+        "options": {"expires": 240},
+    },
 }
 
 # VMs

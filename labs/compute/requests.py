@@ -12,7 +12,7 @@ from django.utils import timezone
 from labs import access
 from labs.access import Action
 from labs.choices import GroupStatus, OperationKind
-from labs.compute import dispatch, kinds, placement, quotas, term
+from labs.compute import dispatch, kinds, placement, quotas, term, usage
 from labs.compute.kinds import Audience
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.live import events
@@ -124,6 +124,7 @@ def vm_operation_request(
     if (locked := term.request_refusal(kind=entry.kind, vm=vm, by=by, params=params)) is not None:
         raise locked
     rate_check(vm=vm, by=by)
+    usage.hours_check(kind=entry.kind, vm=vm, by=by)  # a group past its hours runs no more
     # Busy is left to the database's one-active-operation constraint (dispatch): one query
     # less, and the race between two requests is decided in one place.
     refused = kinds.refusal(entry, vm, active=None)
