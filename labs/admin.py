@@ -119,9 +119,19 @@ class CourseAdmin(CourseScopedAdmin):
     search_fields = ["slug", "title", "term"]
     prepopulated_fields = {"slug": ["title"]}
     inlines = [ClassSessionInline, ClassHolidayInline]
-    clock_fields = ["time_zone", "clock_lead_minutes", "clock_after"]
-    # Usage hours (labs/compute/usage.py): set by the course's instructors, as the clock.
-    hours_fields = ["hours_quota", "hours_per_student", "hours_exclude_class"]
+    # What the course's instructors set (labs/compute/clock.py, idle.py, usage.py, term.py;
+    # docs/course-clock.md), each part in its own fieldset; every other field stays the
+    # administrators'.
+    instructor_fieldsets = [
+        ("Course clock", ["time_zone", "clock_lead_minutes", "clock_after"]),
+        (
+            "Idle machines",
+            ["idle_minutes", "idle_warn_minutes", "idle_action", "idle_cpu_percent"],
+        ),
+        ("Usage hours", ["hours_quota", "hours_per_student", "hours_exclude_class"]),
+        ("Deadline and end of term", ["deadline_at", "term_ends_at", "term_warning_days"]),
+    ]
+    instructor_fields = [f for _, fields in instructor_fieldsets for f in fields]
 
     def has_change_permission(self, request, obj=None):
         # Instructors edit the class schedule and the clock's settings (every other field
@@ -139,17 +149,17 @@ class CourseAdmin(CourseScopedAdmin):
             return self.readonly_fields
         every = [f.name for f in Course._meta.fields if f.editable and f.name != "id"]
         if _may_schedule(request, obj):
-            return [f for f in every if f not in self.clock_fields + self.hours_fields]
+            return [f for f in every if f not in self.instructor_fields]
         return every
 
     def get_fieldsets(self, request, obj=None):
-        """Django's one fieldset of every field, with the hours fields in their own."""
+        """Django's one fieldset of every field, with the instructors' parts in their own."""
         (name, options), *rest = super().get_fieldsets(request, obj)
-        fields = [f for f in options["fields"] if f not in self.hours_fields]
+        fields = [f for f in options["fields"] if f not in self.instructor_fields]
         return [
             (name, {**options, "fields": fields}),
             *rest,
-            ("Usage hours", {"fields": self.hours_fields}),
+            *((title, {"fields": part}) for title, part in self.instructor_fieldsets),
         ]
 
     def get_prepopulated_fields(self, request, obj=None):

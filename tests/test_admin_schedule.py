@@ -6,6 +6,7 @@ from datetime import time
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from labs.models import ClassSession
 
@@ -17,6 +18,12 @@ def course_form(course, *, sessions=(), **fields) -> dict:
         "time_zone": "Europe/Berlin",
         "clock_lead_minutes": "15",
         "clock_after": "stop",
+        "idle_minutes": "60",
+        "idle_warn_minutes": "10",
+        "idle_action": "save",
+        "idle_cpu_percent": "5",
+        "hours_exclude_class": "on",
+        "term_warning_days": "7",
         "class_sessions-TOTAL_FORMS": str(len(sessions)),
         "class_sessions-INITIAL_FORMS": "0",
         "class_holidays-TOTAL_FORMS": "1",
@@ -57,6 +64,58 @@ def test_an_instructor_sets_the_schedule_and_the_clock_but_not_the_courses_title
     (session,) = ClassSession.objects.filter(course=course)
     assert (session.weekday, session.starts_at, session.ends_at) == (1, time(10), time(11, 30))
     assert course.class_holidays.get().label == "Easter Monday"
+
+
+def test_an_instructor_sets_the_idle_rule_hours_deadline_and_end_of_term(client_for, ines, course):
+    response = client_for(ines).post(
+        change_url(course),
+        course_form(
+            course,
+            idle_minutes="45",
+            idle_warn_minutes="15",
+            idle_action="stop",
+            hours_quota="40",
+            deadline_at_0="2027-01-15",
+            deadline_at_1="17:00:00",
+            term_ends_at_0="2027-02-28",
+            term_ends_at_1="23:00:00",
+            term_warning_days="10",
+        ),
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+    course.refresh_from_db()
+    assert (course.idle_minutes, course.idle_warn_minutes, course.idle_action) == (45, 15, "stop")
+    assert (course.hours_quota, course.term_warning_days) == (40, 10)
+    # Local times of the site's zone, stored as moments.
+    assert course.deadline_at < course.term_ends_at
+    assert timezone.localtime(course.deadline_at).strftime("%Y-%m-%d %H:%M") == (
+        "2027-01-15 17:00"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"idle_minutes": "30", "idle_warn_minutes": "30"}, "The warning comes before the action"),
+        (
+            {
+                "deadline_at_0": "2027-03-01",
+                "deadline_at_1": "17:00:00",
+                "term_ends_at_0": "2027-02-28",
+                "term_ends_at_1": "23:00:00",
+            },
+            "The term ends after the deadline",
+        ),
+    ],
+)
+def test_clock_settings_that_contradict_each_other_are_refused(
+    client_for, ines, course, fields, message
+):
+    response = client_for(ines).post(change_url(course), course_form(course, **fields))
+    assert response.status_code == 200
+    assert message in response.content.decode()
+    course.refresh_from_db()
+    assert course.deadline_at is None and course.idle_minutes == 60
 
 
 @pytest.mark.parametrize(

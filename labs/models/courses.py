@@ -163,6 +163,21 @@ class Course(models.Model):
     def __str__(self) -> str:
         return f"{self.slug}: {self.title}"
 
+    def clean(self) -> None:
+        errors = {}
+        if self.idle_minutes and self.idle_warn_minutes >= self.idle_minutes:
+            errors["idle_warn_minutes"] = (
+                f"The warning comes before the action: less than the idle time "
+                f"({self.idle_minutes} min)."
+            )
+        if self.deadline_at and self.term_ends_at and self.term_ends_at <= self.deadline_at:
+            errors["term_ends_at"] = (
+                "The term ends after the deadline: the final snapshots are taken at the "
+                "deadline and archived at the end of term."
+            )
+        if errors:
+            raise ValidationError(errors)
+
     @property
     def is_signup_open(self) -> bool:
         now = timezone.now()
