@@ -221,10 +221,3 @@ def delete(op: Operation) -> None:
     Snapshot.objects.filter(vm=vm).delete()
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
     vm_observe(vm, ObservedState.DELETED, "")
-
-
-def archive(op: Operation) -> None:
-    """The end of term: shut down, export the disk, delete (labs/compute/term.py)."""
-    from labs.compute import term  # term asks for operations: imported when one runs
-
-    term.vm_archive(op)

@@ -14,7 +14,7 @@ from enum import StrEnum
 from django.utils import timezone
 
 from labs.choices import ObservedState, OperationKind
-from labs.compute import executors, moves, quotas
+from labs.compute import archives, executors, moves, quotas
 from labs.errors import Busy, Invalid, OverQuota, Refused
 from labs.models import Operation, Vm
 
@@ -161,7 +161,7 @@ CATALOGUE: dict[str, Kind] = {
         Kind(
             # The end of term (labs/compute/term.py): shut down, export the disk, delete.
             OperationKind.ARCHIVE,
-            executors.archive,
+            archives.vm_archive,
             accepts=frozenset({S.RUNNING, S.PAUSED, S.SAVED, S.SHUTOFF, S.CRASHED}),
             audience=Audience.SYSTEM,
             destroys=True,

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from labs.compute import term
+from labs.compute import archives
 from labs.drivers.base import HypervisorError
 from labs.errors import StratusError
 from labs.models import Host
@@ -26,9 +26,9 @@ class Command(BaseCommand):
                 known = ", ".join(Host.objects.values_list("name", flat=True)) or "none"
                 raise CommandError(f"No host named {host!r} (hosts: {known}).")
         try:
-            found = term.archive_find(archive)
+            found = archives.archive_find(archive)
             self.stdout.write(f"Checking {found.path} ({found.size_bytes / 2**20:.0f} MiB)…")
-            done = term.archive_restore(archive=found, host=target, name=name)
+            done = archives.archive_restore(archive=found, host=target, name=name)
         except StratusError as error:
             raise CommandError(str(error)) from None
         except HypervisorError as error:
