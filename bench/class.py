@@ -237,12 +237,19 @@ def report(course, keys: dict[int, Path], started: float, args, when: str) -> No
     from labs.models import Operation, Vm
 
     running = wait_all(course, ObservedState.RUNNING, started, "running")
-    ops = Operation.objects.filter(vm__group__course=course, started_at__isnull=False)
-    latest = ops.order_by("-created_at")[: len(keys)]
+    # This phase's operations (one per VM), once each has finished.
+    ops = Operation.objects.filter(vm__group__course=course).order_by("-created_at")
+    while True:
+        latest = list(ops[: len(keys)])
+        if all(op.finished_at for op in latest):
+            break
+        time.sleep(0.1)
     waits = sorted((op.started_at - op.created_at).total_seconds() for op in latest)
+    took = sorted((op.finished_at - op.started_at).total_seconds() for op in latest)
     print(
         f"  every VM running {running:.1f} s {when} (the last operation waited "
-        f"{waits[-1]:.1f} s in the queue before a worker slot took it)"
+        f"{waits[-1]:.1f} s in the queue before a worker slot took it; an operation took "
+        f"median {took[len(took) // 2]:.2f} s, at most {took[-1]:.2f} s)"
     )
     if args.no_ssh:
         return
@@ -250,7 +257,11 @@ def report(course, keys: dict[int, Path], started: float, args, when: str) -> No
     ready: dict[int, float] = {}
 
     def ping(port: int) -> None:
-        done = subprocess.run(ssh_argv(vms[port], port, "true"), capture_output=True, timeout=30)
+        try:  # a guest still booting may take the connection and answer nothing for long
+            argv = ssh_argv(vms[port], port, "true")
+            done = subprocess.run(argv, capture_output=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            return
         if done.returncode == 0:
             ready[port] = time.monotonic() - started
 
