@@ -29,6 +29,7 @@ from labs.drivers.base import (
 from labs.drivers.libvirt import agent, archive, connection, migration
 from labs.drivers.libvirt.errors import classify, error_code
 from labs.drivers.libvirt.storage import GiB, StorageMixin
+from labs.drivers.libvirt.volumes import VolumesMixin
 from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml, volume_xml
 from labs.drivers.qcow2 import qcow2_info
 
@@ -57,7 +58,7 @@ def _saved_or(dom: libvirt.virDomain, state: str) -> str:
     return state
 
 
-class LibvirtDriver(StorageMixin):
+class LibvirtDriver(StorageMixin, VolumesMixin):
     """The :class:`~labs.drivers.base.Driver` for one libvirt host (``qemu:///system``,
     ``qemu+ssh://…``, ``qemu+tls://…``).
 
