@@ -105,7 +105,8 @@ def _room_on(vm: Vm) -> None:
 
 
 def _send(*, vm: Vm, kind: str, volume: Volume, by: AbstractBaseUser | None) -> Operation:
-    params = {"volume": volume.pk, "volume_name": volume.name}
+    # "name" is what the operation history shows beside the kind ("Add volume “data”").
+    params = {"volume": volume.pk, "name": volume.name}
     return dispatch.operation_create(vm=vm, kind=kind, by=by, params=params)
 
 
