@@ -117,8 +117,10 @@ def test_a_reset_defines_the_domain_again_with_its_volumes(host, make_spec):
     spec = make_spec(volumes=(DATA,))
     host.hv.volume_create(storage_dir=spec.storage_dir, volume=DATA)
     host.hv.provision(spec, seed_iso=seed())
+    host.hv.snapshot_create(spec.name, "s1", with_memory=True)
     host.hv.reset(spec, seed_iso=seed("i-2"))
     assert host.hv.volume_serials(spec.name) == [DATA.serial]
+    assert host.hv.snapshot_names(spec.name) == []
     assert DATA.file_name in host.hv._pool_for(spec.storage_dir, create=False).listVolumes()
 
 

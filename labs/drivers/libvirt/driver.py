@@ -218,6 +218,12 @@ class LibvirtDriver(StorageMixin, VolumesMixin):
 
     def _remove(self, spec: VmSpec) -> None:
         dom = self._own_domain(spec)
+        if dom is not None and spec.volumes:
+            # Internal snapshots live in every qcow2 of the domain: the overlay goes, but
+            # its volumes stay and would keep them. libvirt takes them out of each disk.
+            with self._errors(f"deleting the snapshots of {spec.name}"):
+                for snap in dom.listAllSnapshots(0):
+                    snap.delete(0)
         if dom is not None:
             self._force_off(dom)
             with self._errors(f"removing VM {spec.name}"):
