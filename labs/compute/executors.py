@@ -336,6 +336,8 @@ def volume_delete(op: Operation) -> None:
         return  # a retry after the row went: done
     if volume.vm_id is not None:
         raise Refused(f"Volume {volume.name} is attached to a VM: detach it first.")
+    # Attachable no more from now on; a failed deletion shows it, and may be asked again.
+    Volume.objects.filter(pk=volume.pk).update(state=VolumeState.DELETING)
     operation_progress(op)(f"deleting volume {volume.name}")
     deleted = driver_for(volume.host).volume_delete(
         storage_dir=volume.host.storage_dir, volume=volume_spec(volume)

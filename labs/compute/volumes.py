@@ -185,8 +185,6 @@ def volume_delete_request(*, volume: Volume, by: AbstractBaseUser | None) -> Ope
     volume = Volume.objects.select_related("host", "vm", "group__course").get(pk=volume.pk)
     if volume.vm_id is not None:
         raise Refused(f"Volume {volume.name} is attached to {volume.vm.name}: detach it first.")
-    if volume.state == VolumeState.DELETING:
-        raise Refused(f"Volume {volume.name} is being deleted already.")
     holding = snapshots_holding(volume)
     if holding:
         snap = holding[0]
