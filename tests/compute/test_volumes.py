@@ -321,3 +321,28 @@ def test_the_cold_move_plan_takes_the_volumes_with_the_same_serials(
     volume.refresh_from_db()
     assert volume.host == to and volume.vm_id == vm.pk
     assert Host.objects.get(pk=to.pk).volumes.get() == volume
+
+
+def test_a_failed_deletion_shows_the_volume_being_deleted_and_may_be_asked_again(
+    vm, alice, monkeypatch
+):
+    from labs.drivers.base import HypervisorError
+    from labs.drivers.libvirt import LibvirtDriver
+
+    volume, _ = create(vm, alice)
+    assert run(volumes.volume_detach_request(volume=volume, by=alice)).status == "succeeded"
+    real = LibvirtDriver.volume_delete
+
+    def refuse(self, **kwargs):
+        raise HypervisorError("deleting volume failed on host h1: device busy")
+
+    monkeypatch.setattr(LibvirtDriver, "volume_delete", refuse)
+    failed = volumes.volume_delete_request(volume=volume, by=alice)
+    assert run(failed).status == "failed" and "device busy" in failed.error
+    volume.refresh_from_db()
+    assert volume.state == VolumeState.DELETING
+    with pytest.raises(Refused, match="is being deleted"):
+        volumes.volume_attach_request(volume=volume, vm=vm, by=alice)
+    monkeypatch.setattr(LibvirtDriver, "volume_delete", real)
+    assert run(volumes.volume_delete_request(volume=volume, by=alice)).status == "succeeded"
+    assert not Volume.objects.exists() and volume.file_name not in held(vm.host)
