@@ -40,6 +40,7 @@ from labs.models import (
     Snapshot,
     Vm,
     VmTemplate,
+    Volume,
 )
 
 User = AbstractBaseUser | AnonymousUser
@@ -72,6 +73,7 @@ MEMBER_ACTIONS = frozenset({Action.VIEW, Action.OPERATE})
 # For each model, the path from it to its group and to its course.
 _GROUP_PATH = {Group: "pk", Vm: "group", Operation: "vm__group", Snapshot: "vm__group"}
 _GROUP_PATH[ConsoleSession] = "vm__group"
+_GROUP_PATH[Volume] = "group"
 _COURSE_PATH = {
     Course: "pk",
     Group: "course",
@@ -81,6 +83,7 @@ _COURSE_PATH = {
     Operation: "vm__group__course",
     Snapshot: "vm__group__course",
     ConsoleSession: "vm__group__course",
+    Volume: "group__course",
 }
 
 
@@ -177,7 +180,7 @@ def _group_of(obj: Model) -> Group | None:
         return None
     if isinstance(obj, Group):
         return obj
-    if isinstance(obj, Vm):
+    if isinstance(obj, Vm | Volume):
         return obj.group
     if isinstance(obj, Operation | Snapshot | ConsoleSession):
         return obj.vm.group

@@ -14,6 +14,7 @@ from django.utils.html import format_html
 
 from labs import access
 from labs.choices import DesiredState
+from labs.compute import quotas
 from labs.compute.moves import vm_move_request
 from labs.compute.placement import hosts_with_usage, usage_of
 from labs.errors import StratusError, message_of
@@ -30,6 +31,7 @@ from labs.models import (
     Snapshot,
     Vm,
     VmTemplate,
+    Volume,
 )
 from labs.people import groups as group_services
 from labs.people.rollover import course_rollover
@@ -616,3 +618,30 @@ class OperationAdmin(CourseScopedAdmin):
 class SnapshotAdmin(CourseScopedAdmin):
     list_display = ["name", "vm", "with_memory", "created_by", "created_at"]
     list_select_related = ["vm__group", "created_by"]
+
+
+@admin.register(Volume)
+class VolumeAdmin(CourseScopedAdmin):
+    """Block volumes, read-only: members add, attach, detach and delete them on the group
+    page (each an Operation with its audit row); the list shows each group's disk quota
+    and what its VMs and volumes use of it."""
+
+    list_display = ["name", "group", "size_gib", "vm", "host", "state", "serial", "disk_quota"]
+    list_filter = ["state", ("group__course", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["name", "group__name", "serial"]
+    list_select_related = ["group__course", "vm", "host"]
+    readonly_fields = [f.name for f in Volume._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the file is on a host: deleting is a volume_delete Operation
+
+    @admin.display(description="group's disk (used / quota GiB)")
+    def disk_quota(self, obj):
+        used = quotas.group_usage(group=obj.group)["disk_gib"]
+        return f"{used} / {quotas.group_quota(group=obj.group)['disk_gib']}"

@@ -80,6 +80,18 @@ class OperationKind(models.TextChoices):
     SAVE = "save", "Suspend to disk"
     DELETE = "delete", "Delete"
     ARCHIVE = "archive", "Archive and remove"
+    VOLUME_CREATE = "volume_create", "Add volume"
+    VOLUME_ATTACH = "volume_attach", "Attach volume"
+    VOLUME_DETACH = "volume_detach", "Detach volume"
+    VOLUME_DELETE = "volume_delete", "Delete volume"
+
+
+class VolumeState(models.TextChoices):
+    """Where a block volume's file is (Volume.state): asked for, on its host, or going."""
+
+    CREATING = "creating", "Being created"
+    READY = "ready", "Ready"
+    DELETING = "deleting", "Being deleted"
 
 
 class OperationStatus(models.TextChoices):

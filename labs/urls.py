@@ -1,6 +1,6 @@
 from django.urls import path
 
-from labs import reports, views
+from labs import reports, views, views_volumes
 
 app_name = "labs"
 
@@ -20,5 +20,11 @@ urlpatterns = [
     path("vms/<int:vm_id>/console/", views.vm_console, name="vm_console"),
     path("vms/<int:vm_id>/console/ticket", views.vm_console_ticket, name="vm_console_ticket"),
     path("vms/<int:vm_id>/keep-running/", views.vm_keep_running, name="vm_keep_running"),
+    path("vms/<int:vm_id>/volumes/add/", views_volumes.vm_volume_add, name="vm_volume_add"),
+    path(
+        "vms/<int:vm_id>/volumes/attach/", views_volumes.vm_volume_attach, name="vm_volume_attach"
+    ),
+    path("volumes/<int:volume_id>/detach/", views_volumes.volume_detach, name="volume_detach"),
+    path("volumes/<int:volume_id>/delete/", views_volumes.volume_delete, name="volume_delete"),
     path("vms/<int:vm_id>/<slug:kind>/", views.vm_operation, name="vm_operation"),
 ]

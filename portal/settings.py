@@ -245,6 +245,8 @@ STRATUS_ARCHIVE_DIR = env_str("STRATUS_ARCHIVE_DIR", "/var/lib/stratus/archive")
 VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
 # How long an SSH-access update waits for a guest's agent (a guest just started boots first).
 GUEST_AGENT_TIMEOUT = env_int("GUEST_AGENT_TIMEOUT", 120)
+# How long a running guest may take to let a detached block volume go (seconds).
+VOLUME_DETACH_TIMEOUT = env_int("VOLUME_DETACH_TIMEOUT", 30)
 # Operations one group's members may ask for in a minute (course staff are not counted).
 OPERATIONS_PER_GROUP_PER_MINUTE = env_int("OPERATIONS_PER_GROUP_PER_MINUTE", 20)
 # libvirt domains are named PREFIX<vm id>; the tests use their own prefix so they never

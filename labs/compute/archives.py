@@ -139,6 +139,7 @@ def vm_archive(op: Operation) -> None:
     report("removing the VM")
     driver.delete(spec)
     Snapshot.objects.filter(vm=vm).delete()
+    executors.volumes_release(vm)  # its block volumes stay on the host, detached
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
     vm_observe(vm, S.DELETED, "")
 

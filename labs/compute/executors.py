@@ -11,7 +11,7 @@ import uuid
 from django.conf import settings
 from django.utils import timezone
 
-from labs.choices import DesiredState, NetworkMode, ObservedState
+from labs.choices import DesiredState, NetworkMode, ObservedState, VolumeState
 from labs.compute import ssh_access
 from labs.compute.records import (
     NO_CONSOLE,
@@ -23,8 +23,11 @@ from labs.compute.records import (
     vm_observe,
 )
 from labs.drivers import cloudinit
-from labs.drivers.base import VmSpec
-from labs.models import Operation, Snapshot, Vm
+from labs.drivers.base import VmSpec, VolumeSpec
+from labs.drivers.registry import driver_for
+from labs.errors import Refused
+from labs.live import events
+from labs.models import Operation, Snapshot, Vm, Volume
 
 
 def vm_spec(vm: Vm) -> VmSpec:
@@ -45,7 +48,12 @@ def vm_spec(vm: Vm) -> VmSpec:
         ssh_port=vm.ssh_port if host.network_mode == NetworkMode.USER else None,
         bridge=host.bridge,
         metadata={"vm": str(vm.pk), "group": str(vm.group_id), "course": vm.group.course.slug},
+        volumes=tuple(volume_spec(v) for v in vm.volumes.order_by("pk")),
     )
+
+
+def volume_spec(volume: Volume) -> VolumeSpec:
+    return VolumeSpec(file_name=volume.file_name, serial=volume.serial, size_gib=volume.size_gib)
 
 
 def vm_seed(vm: Vm, access: ssh_access.Access) -> bytes:
@@ -152,10 +160,19 @@ def snapshot(op: Operation) -> None:
     report("recording the snapshot")
     # The deadline's snapshot (labs/compute/term.py) is final: only staff may delete it.
     final = bool(op.params.get("final"))
+    # libvirt snapshots every qcow2 disk of the domain: the attached volumes are in it.
+    volumes = [
+        {"id": v.pk, "name": v.name, "serial": v.serial} for v in op.vm.volumes.order_by("pk")
+    ]
     snap, created = Snapshot.objects.get_or_create(
         vm=op.vm,
         name=name,
-        defaults={"with_memory": with_memory, "created_by": op.requested_by, "final": final},
+        defaults={
+            "with_memory": with_memory,
+            "created_by": op.requested_by,
+            "final": final,
+            "volumes": volumes,
+        },
     )
     if final and not snap.final:
         Snapshot.objects.filter(pk=snap.pk).update(final=True)
@@ -165,6 +182,9 @@ def revert(op: Operation) -> None:
     vm = op.vm
     driver = driver_of(vm)
     report = operation_progress(op)
+    refused = revert_refusal(vm, op.params["name"])
+    if refused is not None:
+        raise refused
     vm_consoles_close(vm, "the VM is being reverted to a snapshot")
     report("reverting to the snapshot")
     driver.snapshot_revert(vm.domain_name, op.params["name"])
@@ -176,6 +196,31 @@ def revert(op: Operation) -> None:
     vm_observe(vm, state, "")
     # The disk holds the accounts and keys of the snapshot's time: bring them up to date.
     ssh_access.vm_access_unknown(vm)
+
+
+def revert_refusal(vm: Vm, name: str) -> Refused | None:
+    """A revert puts back the disks the snapshot holds, volumes included: refused unless
+    the VM has exactly the volumes it had then (a volume detached since, or attached to
+    another VM, would come back attached here)."""
+    snap = Snapshot.objects.filter(vm=vm, name=name).first()
+    if snap is None:
+        return None
+    then = {v["serial"]: v["name"] for v in snap.volumes}
+    now = dict(vm.volumes.values_list("serial", "name"))
+    if then.keys() == now.keys():
+        return None
+    missing = [then[s] for s in then if s not in now]
+    extra = [now[s] for s in now if s not in then]
+    parts = []
+    if missing:
+        parts.append(f"attach {', '.join(sorted(missing))} again")
+    if extra:
+        parts.append(f"detach {', '.join(sorted(extra))}")
+    return Refused(
+        f"Snapshot {name} of {vm.name} was taken with other volumes: "
+        + " and ".join(parts)
+        + " first."
+    )
 
 
 def snapshot_delete(op: Operation) -> None:
@@ -219,5 +264,84 @@ def delete(op: Operation) -> None:
     vm_consoles_close(vm, "the VM is being deleted")
     driver_of(vm).delete(vm_spec(vm))
     Snapshot.objects.filter(vm=vm).delete()
+    volumes_release(vm)
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
     vm_observe(vm, ObservedState.DELETED, "")
+
+
+def volumes_release(vm: Vm) -> None:
+    """The VM is gone from its host: its volumes stay there, detached, for the group to
+    attach to another VM (or delete)."""
+    Volume.objects.filter(vm=vm).update(vm=None)
+
+
+# --- block volumes (labs/compute/volumes.py asks for these) ----------------------------------
+
+
+def _volume_of(op: Operation) -> Volume:
+    return Volume.objects.select_related("host", "group").get(pk=op.params["volume"])
+
+
+def _timings(op: Operation, **seconds: float) -> None:
+    timings = {**op.params.get("timings", {}), **{k: round(v, 3) for k, v in seconds.items()}}
+    op.params = {**op.params, "timings": timings}
+    Operation.objects.filter(pk=op.pk).update(params=op.params)
+
+
+def volume_create(op: Operation) -> None:
+    """The volume's qcow2 on its host, then attached to the VM it was made for."""
+    volume = _volume_of(op)
+    report = operation_progress(op)
+    report(f"creating volume {volume.name}")
+    driver = driver_for(volume.host)
+    created = driver.volume_create(storage_dir=volume.host.storage_dir, volume=volume_spec(volume))
+    Volume.objects.filter(pk=volume.pk).update(state=VolumeState.READY)
+    _timings(op, create_s=created)
+    report(f"attaching {volume.name} to {op.vm.name}")
+    _attach(op, volume, driver)
+
+
+def volume_attach(op: Operation) -> None:
+    volume = _volume_of(op)
+    operation_progress(op)(f"attaching {volume.name} to {op.vm.name}")
+    _attach(op, volume, driver_for(volume.host))
+
+
+def _attach(op: Operation, volume: Volume, driver) -> None:
+    if volume.host_id != op.vm.host_id:  # moved meanwhile: never attach across hosts
+        raise Refused(f"Volume {volume.name} is on another host than {op.vm.name}.")
+    attached = driver.volume_attach(
+        op.vm.domain_name, storage_dir=volume.host.storage_dir, volume=volume_spec(volume)
+    )
+    Volume.objects.filter(pk=volume.pk).update(vm=op.vm)
+    _timings(op, attach_s=attached)
+    events.vm_changed(vm=op.vm)
+
+
+def volume_detach(op: Operation) -> None:
+    volume = _volume_of(op)
+    operation_progress(op)(f"detaching {volume.name} from {op.vm.name}")
+    detached = driver_for(volume.host).volume_detach(
+        op.vm.domain_name, volume=volume_spec(volume), timeout=settings.VOLUME_DETACH_TIMEOUT
+    )
+    Volume.objects.filter(pk=volume.pk, vm=op.vm).update(vm=None)
+    _timings(op, detach_s=detached)
+    events.vm_changed(vm=op.vm)
+
+
+def volume_delete(op: Operation) -> None:
+    """The detached volume's file, then its row (the Operation keeps its name)."""
+    volume = Volume.objects.select_related("host").filter(pk=op.params["volume"]).first()
+    if volume is None:
+        return  # a retry after the row went: done
+    if volume.vm_id is not None:
+        raise Refused(f"Volume {volume.name} is attached to a VM: detach it first.")
+    # Attachable no more from now on; a failed deletion shows it, and may be asked again.
+    Volume.objects.filter(pk=volume.pk).update(state=VolumeState.DELETING)
+    operation_progress(op)(f"deleting volume {volume.name}")
+    deleted = driver_for(volume.host).volume_delete(
+        storage_dir=volume.host.storage_dir, volume=volume_spec(volume)
+    )
+    _timings(op, delete_s=deleted)
+    volume.delete()
+    events.vm_changed(vm=op.vm)

@@ -166,6 +166,37 @@ CATALOGUE: dict[str, Kind] = {
             audience=Audience.SYSTEM,
             destroys=True,
         ),
+        # Block volumes (labs/compute/volumes.py asks for them, with the volume in the
+        # parameters; the VM card's volume forms post there, not to the generic endpoint).
+        # A volume is attached to a running VM (hot-plugged) or a stopped one; never to
+        # one suspended to disk, whose saved devices must stay as they are.
+        Kind(
+            OperationKind.VOLUME_CREATE,
+            executors.volume_create,
+            accepts=frozenset({S.RUNNING, S.SHUTOFF}),
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
+            OperationKind.VOLUME_ATTACH,
+            executors.volume_attach,
+            accepts=frozenset({S.RUNNING, S.SHUTOFF}),
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
+            OperationKind.VOLUME_DETACH,
+            executors.volume_detach,
+            accepts=frozenset({S.RUNNING, S.SHUTOFF, S.CRASHED}),
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
+            # Recorded on a VM of the group on the volume's host (its worker deletes it).
+            OperationKind.VOLUME_DELETE,
+            executors.volume_delete,
+            accepts=_CREATED | {S.DELETED},
+            audience=Audience.SYSTEM,
+            destroys=True,
+            confirm="Delete this volume and everything on it? This cannot be undone.",
+        ),
         Kind(
             OperationKind.PROVISION,
             executors.provision,

@@ -33,7 +33,7 @@ from labs.drivers.base import DomainMissing
 from labs.drivers.registry import driver_for
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.live import events
-from labs.models import Host, Operation, Vm
+from labs.models import Host, Operation, Vm, Volume
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
         raise Refused(
             f"{vm.name} has snapshots, which a live move cannot take along: shut it down "
             "and move it stopped (every snapshot comes along), or delete them first."
+        )
+    if live and vm.volumes.exists():
+        raise Refused(
+            f"{vm.name} has block volumes, which a live move does not take along: shut it "
+            "down and move it stopped (its volumes come along, the same serials)."
         )
     with transaction.atomic():
         host = Host.objects.select_for_update().get(pk=to.pk)
@@ -110,12 +115,15 @@ def move(op: Operation) -> None:
         Vm.objects.filter(pk=vm.pk).update(
             host=target_host, ssh_port=target.ssh_port, **NO_CONSOLE
         )
+        Volume.objects.filter(vm=vm).update(host=target_host)  # copied beside the overlay
         log.info("%s moved from %s to %s", vm.domain_name, source_host.name, target_host.name)
         if live:  # at once: the consoles that followed the move are knocking already
             vm_console_record(vm, dst)
         events.vm_changed(vm=vm)  # the group's page shows the new SSH line
     report(f"removing the old copy from {source_host.name}")
     src.delete(source)
+    for volume in source.volumes:
+        src.volume_delete(storage_dir=source.storage_dir, volume=volume)
     vm = Vm.objects.select_related("host", "group").get(pk=vm.pk)
     moved = f"Moved from {source_host.name} to {target_host.name}."
     if live:

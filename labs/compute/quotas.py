@@ -2,7 +2,7 @@
 and what its live VMs use of it."""
 
 from labs.errors import OverQuota
-from labs.models import Group, Vm, VmTemplate
+from labs.models import Group, Vm, VmTemplate, Volume
 
 QUOTAS = ("vms", "vcpus", "memory_mib", "disk_gib")
 LABELS = {"vms": "VMs", "vcpus": "vCPUs", "memory_mib": "memory", "disk_gib": "disk"}
@@ -32,8 +32,9 @@ def snapshot_memory_gib(vm: Vm) -> int:
 
 def group_usage(*, group: Group, vms: list[Vm] | None = None) -> dict[str, int]:
     """What the group's live VMs use of its quota: their disks, plus the memory saved in
-    their snapshots. ``vms``: those VMs with their snapshots prefetched, when the caller
-    has them loaded already (the group page), so that no query is made."""
+    their snapshots, plus its block volumes (one query). ``vms``: those VMs with their
+    snapshots prefetched, when the caller has them loaded already (the group page), so
+    that no query is made for them."""
     if vms is None:
         vms = list(
             Vm.objects.live()
@@ -48,8 +49,14 @@ def group_usage(*, group: Group, vms: list[Vm] | None = None) -> dict[str, int]:
         "vms": len(vms),
         "vcpus": sum(vm.vcpus for vm in vms),
         "memory_mib": sum(vm.memory_mib for vm in vms),
-        "disk_gib": sum(vm.disk_gib for vm in vms) + saved,
+        "disk_gib": sum(vm.disk_gib for vm in vms) + saved + volumes_gib(group=group),
     }
+
+
+def volumes_gib(*, group: Group) -> int:
+    """What the group's block volumes take of its disk quota: every one, attached or not
+    (labs/compute/volumes.py)."""
+    return sum(Volume.objects.filter(group=group).values_list("size_gib", flat=True))
 
 
 def quota_check(*, group: Group, need: dict[str, int]) -> None:

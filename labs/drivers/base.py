@@ -59,7 +59,34 @@ _META_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 TITLE_MAX, DESCRIPTION_MAX, SNAPSHOT_NAME_MAX = 200, 10_000, 64
 VIRT_TYPES = ("qemu", "kvm")
+MAX_VOLUMES = 8  # data disks per VM: vdb to vdi
 NETWORK_MODES = ("user", "bridge")
+
+
+_VOLUME_FILE_RE = re.compile(r"[a-z0-9-]{1,80}\.qcow2")
+_SERIAL_RE = re.compile(r"[A-Za-z0-9-]{1,20}")  # virtio-blk: 20 bytes at most
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """A block volume: a standalone qcow2 (no backing file) in the host's storage
+    directory, seen by the guest as ``/dev/disk/by-id/virtio-<serial>``."""
+
+    file_name: str  # "<prefix>volume-<id>.qcow2", from the row's id
+    serial: str
+    size_gib: int
+
+    def __post_init__(self) -> None:
+        problems = []
+        name = self.file_name
+        if not (name.startswith(DOMAIN_PREFIX) and _VOLUME_FILE_RE.fullmatch(name)):
+            problems.append(f"the file name must be {DOMAIN_PREFIX!r}..., a-z, 0-9, '-', .qcow2")
+        if not _SERIAL_RE.fullmatch(self.serial or ""):
+            problems.append("the serial must be 1-20 of A-Z, a-z, 0-9 and '-'")
+        if not 1 <= self.size_gib <= 16 * 1024:
+            problems.append("the size must be between 1 GiB and 16 TiB")
+        if problems:
+            raise HypervisorError(f"invalid volume {self.file_name!r}: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,9 @@ class VmSpec:
     bridge: str = ""  # bridge mode: the host bridge
     mac: str = ""  # optional, stable across resets
     metadata: dict[str, str] = field(default_factory=dict)
+    # Block volumes attached to it, in the order of their targets (vdb, vdc, ...): a
+    # domain defined from the spec (provision, reset, a cold move) has them attached.
+    volumes: tuple[VolumeSpec, ...] = ()
 
     def __post_init__(self) -> None:
         problems = _spec_problems(self)
@@ -131,6 +161,11 @@ def _spec_problems(spec: VmSpec) -> list[str]:
             problems.append(f"metadata key {key!r} must be letters, digits, '_.-'")
         if not isinstance(value, str):
             problems.append(f"metadata value of {key!r} must be text")
+    serials = [v.serial for v in spec.volumes if isinstance(v, VolumeSpec)]
+    if len(serials) != len(spec.volumes) or len(set(serials)) != len(serials):
+        problems.append("volumes must be VolumeSpecs with serials of their own")
+    if len(spec.volumes) > MAX_VOLUMES:
+        problems.append(f"at most {MAX_VOLUMES} volumes")
     return problems
 
 
@@ -264,5 +299,16 @@ class Driver(Protocol):
         progress: Progress | None = None,
     ) -> dict[str, float]: ...
 
+    # block volumes: a standalone qcow2 in ``storage_dir`` (made if missing, kept if it
+    # is there), attached to the domain ``name`` (live and in its definition when it runs,
+    # in its definition when it is off), detached (a running guest is asked to let go and
+    # waited for, up to ``timeout``), deleted (gone already: fine). Each returns seconds.
+    def volume_create(self, *, storage_dir: str, volume: VolumeSpec) -> float: ...
+    def volume_attach(self, name: str, *, storage_dir: str, volume: VolumeSpec) -> float: ...
+    def volume_detach(self, name: str, *, volume: VolumeSpec, timeout: float = 30) -> float: ...
+    def volume_delete(self, *, storage_dir: str, volume: VolumeSpec) -> float: ...
+    # which volumes (serials) the domain's definition holds
+    def volume_serials(self, name: str) -> list[str]: ...
+
     # Room for what the next issues add behind the same seam:
-    # volumes (attach, detach), networks (define, attach a NIC), image capture.
+    # networks (define, attach a NIC), image capture.

@@ -7,6 +7,7 @@
 - ``vms``: Vm, Snapshot, ConsoleSession, the state history, archives
 - ``operations``: Operation and how the pages name who asked and why it waits
 - ``schedule``: the course clock's classes, holidays and the actions it took
+- ``volumes``: a group's block volumes
 """
 
 from labs.models.courses import Course, Group, Membership, _default_time_zone
@@ -19,6 +20,7 @@ from labs.models.operations import (
 )
 from labs.models.schedule import ClassHoliday, ClassSession, ClockAction
 from labs.models.vms import ConsoleSession, Snapshot, StateChange, Vm, VmArchive, VmQuerySet
+from labs.models.volumes import Volume
 from labs.validators import validate_libvirt_uri
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "VmArchive",
     "VmQuerySet",
     "VmTemplate",
+    "Volume",
     "_default_time_zone",
     "clock",
     "requester_label",

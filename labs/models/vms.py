@@ -125,6 +125,9 @@ class Snapshot(models.Model):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # The block volumes attached when it was taken ({"id", "name", "serial"} each): libvirt
+    # snapshots every qcow2 disk of the domain, so their contents are in it too.
+    volumes = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -29,6 +29,7 @@ from labs.drivers.base import (
 from labs.drivers.libvirt import agent, archive, connection, migration
 from labs.drivers.libvirt.errors import classify, error_code
 from labs.drivers.libvirt.storage import GiB, StorageMixin
+from labs.drivers.libvirt.volumes import VolumesMixin
 from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml, volume_xml
 from labs.drivers.qcow2 import qcow2_info
 
@@ -57,7 +58,7 @@ def _saved_or(dom: libvirt.virDomain, state: str) -> str:
     return state
 
 
-class LibvirtDriver(StorageMixin):
+class LibvirtDriver(StorageMixin, VolumesMixin):
     """The :class:`~labs.drivers.base.Driver` for one libvirt host (``qemu:///system``,
     ``qemu+ssh://…``, ``qemu+tls://…``).
 
@@ -217,6 +218,12 @@ class LibvirtDriver(StorageMixin):
 
     def _remove(self, spec: VmSpec) -> None:
         dom = self._own_domain(spec)
+        if dom is not None and spec.volumes:
+            # Internal snapshots live in every qcow2 of the domain: the overlay goes, but
+            # its volumes stay and would keep them. libvirt takes them out of each disk.
+            with self._errors(f"deleting the snapshots of {spec.name}"):
+                for snap in dom.listAllSnapshots(0):
+                    snap.delete(0)
         if dom is not None:
             self._force_off(dom)
             with self._errors(f"removing VM {spec.name}"):

@@ -3,9 +3,10 @@ libvirtd's own XML. The domain XML is the one place a VM's hardware is described
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 
-from labs.drivers.base import DESCRIPTION_MAX, NOT_XML, TITLE_MAX, VmSpec
+from labs.drivers.base import DESCRIPTION_MAX, NOT_XML, TITLE_MAX, VmSpec, VolumeSpec
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 STRATUS_NS = "https://stratus.invalid/xmlns/libvirt/vm/1"
@@ -91,6 +92,9 @@ def build_domain_xml(
         sub(base_source, "seclabel", model="dac", relabel="no")
         sub(backing, "backingStore")
     sub(disk, "target", dev="vda", bus="virtio")
+    for index, volume in enumerate(spec.volumes):
+        path = os.path.join(spec.storage_dir, volume.file_name)
+        devices.append(volume_disk(volume, path=path, target=VOLUME_TARGETS[index]))
 
     # The cloud kernel has no AHCI driver: the seed must be an IDE CD-ROM on the pc machine.
     cdrom = sub(devices, "disk", type="file", device="cdrom")
@@ -147,6 +151,28 @@ def _user_network_args(spec: VmSpec) -> list[str]:
     if spec.mac:
         device += f",mac={spec.mac}"
     return ["-netdev", netdev, "-device", device]
+
+
+# Targets for data volumes: only hints, the guest names disks in the order it finds them
+# (a vdc showed up as /dev/vdb); the serial is what identifies one.
+VOLUME_TARGETS = tuple(f"vd{letter}" for letter in "bcdefghijklmnop")
+
+
+def volume_disk(volume: VolumeSpec, *, path: str, target: str) -> ET.Element:
+    """A block volume's <disk>: virtio, qcow2, its serial, and an explicit empty
+    <backingStore/> so that libvirt never probes (and relabels) a chain a guest could have
+    written into the image's header (LIBVIRT-NOTES, hostile uploads)."""
+    disk = ET.Element("disk", type="file", device="disk")
+    sub(disk, "driver", name="qemu", type="qcow2", discard="unmap")
+    sub(disk, "source", file=path)
+    sub(disk, "backingStore")
+    sub(disk, "target", dev=target, bus="virtio")
+    sub(disk, "serial", volume.serial)
+    return disk
+
+
+def volume_disk_xml(volume: VolumeSpec, *, path: str, target: str) -> str:
+    return ET.tostring(volume_disk(volume, path=path, target=target), encoding="unicode")
 
 
 def volume_xml(name: str, *, capacity: int, fmt: str, backing: str | None = None) -> str:
