@@ -80,6 +80,7 @@ class OperationKind(models.TextChoices):
     SAVE = "save", "Suspend to disk"
     DELETE = "delete", "Delete"
     ARCHIVE = "archive", "Archive and remove"
+    CAPTURE = "capture", "Capture as an image"
 
 
 class OperationStatus(models.TextChoices):
@@ -123,3 +124,19 @@ class Weekday(models.IntegerChoices):
     FRIDAY = 4, "Friday"
     SATURDAY = 5, "Saturday"
     SUNDAY = 6, "Sunday"
+
+
+class ImageSource(models.TextChoices):
+    """Where a course image came from (labs/compute/images.py)."""
+
+    BUILT = "built", "Built (build_image)"
+    IMPORTED = "imported", "Imported (checked upload)"
+    CAPTURED = "captured", "Captured from a VM"
+
+
+class ImageCopyState(models.TextChoices):
+    """An image's copy on one host: placement uses only hosts whose copy is present."""
+
+    COPYING = "copying", "Copying"
+    PRESENT = "present", "Present (checksum verified)"
+    FAILED = "failed", "Failed"
