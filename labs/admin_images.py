@@ -6,6 +6,7 @@ labs/compute/images.py; refusals come back as admin messages (``message_of``).
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 
@@ -115,7 +116,7 @@ class ImageAdmin(admin.ModelAdmin):
     def add_view(self, request, form_url="", extra_context=None):
         """Adding an image is importing one: checked, copied into the store, distributed."""
         if not self.has_add_permission(request):
-            raise PermissionError
+            raise PermissionDenied
         form = ImportForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
