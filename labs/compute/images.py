@@ -245,6 +245,11 @@ def template_image_set(*, template: VmTemplate, image: Image, by: AbstractBaseUs
         raise NotAllowed("Only the course's instructors and operators change its image.")
     if image.course_id not in (None, course.pk):
         raise Refused(f"The image {image.name} belongs to another course.")
+    if image.virtual_size > template.disk_gib * GiB:
+        raise Refused(
+            f"The image {image.name} is {image.virtual_size / GiB:.1f} GiB, more than the "
+            f"template's {template.disk_gib} GiB disk: raise the disk size first."
+        )
     present = ImageCopy.objects.filter(image=image, state=ImageCopyState.PRESENT)
     if not image.everywhere and not present.exists():
         raise Refused(

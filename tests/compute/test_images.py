@@ -320,3 +320,11 @@ def test_the_capture_executor_registers_the_image_and_its_copy_on_the_vms_host(
     # Run again (a worker that died after registering): kept, only the copies checked.
     images.vm_capture(Operation.objects.get(pk=op.pk))
     assert Image.objects.filter(name="prepared").count() == 1
+
+
+def test_an_image_larger_than_the_templates_disk_is_refused(template, imported, ines, hosts):
+    image_distribute(image=imported.image)
+    Image.objects.filter(pk=imported.image.pk).update(virtual_size=20 * 2**30)
+    imported.image.refresh_from_db()
+    with pytest.raises(Refused, match="20.0 GiB, more than the template's 10 GiB disk"):
+        images.template_image_set(template=template, image=imported.image, by=ines)

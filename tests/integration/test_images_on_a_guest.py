@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from labs.choices import ImageCopyState, ImageSource
+from labs.choices import ImageCopyState, ImageSource, OperationKind
 from labs.compute import images
+from labs.compute.requests import vm_operation_request
+from labs.drivers.base import HypervisorError
 from labs.errors import Refused
 from labs.models import Image
 
@@ -113,7 +115,10 @@ def _walk_through(course, alice, carol, ines, template, image_store, tmp_path):
     assert image.sha256 == sha256(Path(image.path))
     assert [c.state for c in image.copies.all()] == [ImageCopyState.PRESENT]
     assert run(source_key, source.ssh_port, "cat /opt/lab.txt") == PREPARED  # still running
+    run(source_key, source.ssh_port, "echo later | sudo tee /opt/after-capture.txt")
     images.template_image_set(template=template, image=image, by=ines)
+    source.refresh_from_db()
+    assert source.image != image  # an existing VM keeps its backing file until reset
 
     # A new group's VM boots from the capture.
     new_key, new_public = keypair(tmp_path / "new_key")
@@ -131,3 +136,37 @@ def _walk_through(course, alice, carol, ines, template, image_store, tmp_path):
     # The source group's key is not among the new VM's logins.
     refused = ssh(source_key, vm.ssh_port, "true", timeout=60)
     assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+    # A reset of the source rebuilds its disk on the template's image: the capture's file,
+    # not what was written after it.
+    reset = vm_operation_request(vm=source, kind=OperationKind.RESET, by=ines)
+    wait_operation(reset, timeout=240)
+    source.refresh_from_db()
+    assert source.image == image
+    wait_for_ssh(source_key, source.ssh_port)
+    assert run(source_key, source.ssh_port, "cat /opt/lab.txt") == PREPARED
+    assert run(source_key, source.ssh_port, "ls /opt") == "lab.txt"
+    assert host_key(source.ssh_port) != source_host_key
+
+
+def test_an_image_file_streams_to_a_host_and_back_checksummed(tmp_path, image_store):
+    """The copy path of a distribution on the real libvirtd: streamed into a volume at the
+    same path, read back for its sha256, never written over."""
+    from labs.drivers.registry import driver_at
+
+    upload = tmp_path / "image.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(upload), "64M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 8M", str(upload)],
+        check=True,
+        capture_output=True,
+    )
+    target = image_store / "streamed.qcow2"
+    driver = driver_at("qemu:///system", host_name="local")
+    assert driver.image_digest(str(target)) is None
+    driver.image_put(str(upload), str(target))
+    assert driver.image_digest(str(target)) == sha256(upload)
+    assert target.read_bytes() == upload.read_bytes()
+    assert target.stat().st_mode & 0o777 == 0o444
+    with pytest.raises(HypervisorError, match="has a file at .* already"):
+        driver.image_put(str(upload), str(target))
