@@ -5,8 +5,9 @@ overview and the admin show what ``host_usages`` computes with it, and placement
 with it, so the three never disagree.
 
 Placement chooses only among hosts that are up (``Host.state``: not disabled, draining or
-unreachable); a group's VMs stay on the host where its others run while it has room; the
-course's policy (pack or spread) chooses otherwise. docs/decisions.md says why.
+unreachable) and hold the VM's image (labs/compute/image_copies.py); a group's VMs stay on
+the host where its others run while it has room; the course's policy (pack or spread)
+chooses otherwise. docs/decisions.md says why.
 """
 
 from dataclasses import dataclass
@@ -231,10 +232,11 @@ def vm_place(*, vm: Vm) -> bool:
 
 def move_destination(*, vm: Vm, away_from: Host) -> Host | None:
     """Where ``vm`` can go when it leaves ``away_from`` (a drain): a host that is up, has
-    room and a free SSH port, by the course's policy (spread: most free memory; pack: the
-    least that still fits). None when no host can take it."""
-    hosts = list(Host.objects.filter(UP).filter(hosts_holding(vm.image)).exclude(pk=away_from.pk))
-    hosts.sort(key=lambda h: h.name)
+    room, a free SSH port and the VM's image, by the course's policy (spread: most free
+    memory; pack: the least that still fits). None when no host can take it."""
+    hosts = list(
+        Host.objects.filter(UP, hosts_holding(vm.image)).exclude(pk=away_from.pk).order_by("name")
+    )
     taken = _ports_taken(hosts)
     fitting = [
         usage

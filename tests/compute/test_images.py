@@ -328,3 +328,13 @@ def test_an_image_larger_than_the_templates_disk_is_refused(template, imported, 
     imported.image.refresh_from_db()
     with pytest.raises(Refused, match="20.0 GiB, more than the template's 10 GiB disk"):
         images.template_image_set(template=template, image=imported.image, by=ines)
+
+
+def test_a_drain_moves_a_vm_only_to_a_host_holding_its_image(
+    imported, make_vm, group_a, h1, h2, hosts
+):
+    image_distribute(image=imported.image, hosts=Host.objects.filter(name="h1"))
+    vm = make_vm(group_a, image=imported.image)
+    assert placement.move_destination(vm=vm, away_from=h1) is None
+    image_distribute(image=imported.image)
+    assert placement.move_destination(vm=vm, away_from=h1) == h2
