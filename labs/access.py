@@ -19,6 +19,7 @@ The rules, in one table (``ROLES``):
 | review  | the course's staff; superusers (approve, reject, move members, bulk)  |
 | quota   | the course's instructors (not TAs), up to the caps a superuser sets; superusers |
 | move    | the course's instructors (not TAs); superusers (a VM to another host)  |
+| image   | the course's instructors (not TAs); superusers (capture, template's image) |
 
 "Course staff" has one definition: an *active* user with a TA or instructor membership of
 the course, or an active superuser. (The Django admin additionally requires ``is_staff``
@@ -54,6 +55,7 @@ class Action(StrEnum):
     QUOTA = "quota"  # raise a group's quotas (up to the course's caps)
     MOVE = "move"  # move a VM to another host (its SSH line changes)
     SCHEDULE = "schedule"  # edit the course's class schedule and clock settings
+    IMAGE = "image"  # capture a VM as a course image; switch the template to an image
 
 
 # The course roles that grant each action on every group of the course. Students get
@@ -66,6 +68,7 @@ ROLES: dict[Action, tuple[str, ...]] = {
     Action.QUOTA: (Role.INSTRUCTOR,),
     Action.MOVE: (Role.INSTRUCTOR,),
     Action.SCHEDULE: (Role.INSTRUCTOR,),
+    Action.IMAGE: (Role.INSTRUCTOR,),
 }
 # What a student member of a group may do with it (operate: only once it is approved).
 MEMBER_ACTIONS = frozenset({Action.VIEW, Action.OPERATE})

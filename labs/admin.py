@@ -13,6 +13,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from labs import access
+from labs.admin_images import TemplateImageMixin, capture, may_capture
 from labs.choices import DesiredState
 from labs.compute import quotas
 from labs.compute.moves import vm_move_request
@@ -25,7 +26,6 @@ from labs.models import (
     Course,
     Group,
     Host,
-    Image,
     Membership,
     Operation,
     Snapshot,
@@ -487,14 +487,8 @@ class HostAdmin(admin.ModelAdmin):
         return ", ".join(f"{used}/{available}" for used, available in parts)
 
 
-@admin.register(Image)
-class ImageAdmin(admin.ModelAdmin):
-    list_display = ["name", "os", "login_user", "path", "size_gib"]
-    search_fields = ["name", "os"]
-
-
 @admin.register(VmTemplate)
-class VmTemplateAdmin(CourseScopedAdmin):
+class VmTemplateAdmin(TemplateImageMixin, CourseScopedAdmin):
     list_display = ["course", "image", "count", "vcpus", "memory_mib", "disk_gib", "quota_vms"]
     list_select_related = ["course", "image"]
 
@@ -567,7 +561,10 @@ class VmAdmin(CourseScopedAdmin):
         "created_at",
     ]
     inlines = [OperationInline]
-    actions = ["move"]
+    actions = ["move", capture]
+
+    def has_capture_permission(self, request):
+        return may_capture(request)
 
     def has_move_permission(self, request):
         # The rows are the course's (get_queryset); vm_move_request asks the access

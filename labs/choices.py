@@ -85,6 +85,8 @@ class OperationKind(models.TextChoices):
     VOLUME_DETACH = "volume_detach", "Detach volume"
     VOLUME_DELETE = "volume_delete", "Delete volume"
 
+    CAPTURE = "capture", "Capture as an image"
+
 
 class VolumeState(models.TextChoices):
     """Where a block volume's file is (Volume.state): asked for, on its host, or going."""
@@ -135,3 +137,19 @@ class Weekday(models.IntegerChoices):
     FRIDAY = 4, "Friday"
     SATURDAY = 5, "Saturday"
     SUNDAY = 6, "Sunday"
+
+
+class ImageSource(models.TextChoices):
+    """Where a course image came from (labs/compute/images.py)."""
+
+    BUILT = "built", "Built (build_image)"
+    IMPORTED = "imported", "Imported (checked upload)"
+    CAPTURED = "captured", "Captured from a VM"
+
+
+class ImageCopyState(models.TextChoices):
+    """An image's copy on one host: placement uses only hosts whose copy is present."""
+
+    COPYING = "copying", "Copying"
+    PRESENT = "present", "Present (checksum verified)"
+    FAILED = "failed", "Failed"

@@ -238,6 +238,10 @@ CELERY_BEAT_SCHEDULE = {
 
 # VMs
 STRATUS_IMAGE_DIR = env_str("STRATUS_IMAGE_DIR", "/var/lib/stratus/images")
+# Course images (docs/storage.md): the largest virtual size an import or a capture may have,
+# and whether a capture is stored compressed (smaller, slower; bench/images.py measures).
+IMAGE_MAX_VIRTUAL_GIB = env_int("IMAGE_MAX_VIRTUAL_GIB", 64)
+IMAGE_CAPTURE_COMPRESS = env_bool("IMAGE_CAPTURE_COMPRESS", False)
 # The end of term's archives (labs/compute/term.py): <course>/<group>-<vm>.qcow2 and its
 # manifest, written by the worker of the VM's host (docs/operations.md, Archives).
 STRATUS_ARCHIVE_DIR = env_str("STRATUS_ARCHIVE_DIR", "/var/lib/stratus/archive")

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from labs.choices import DesiredState, NetworkMode, ObservedState, VolumeState
 from labs.compute import ssh_access
+from labs.compute.image_copies import image_for_reset
 from labs.compute.records import (
     NO_CONSOLE,
     driver_of,
@@ -232,6 +233,8 @@ def reset(op: Operation) -> None:
     vm = op.vm
     vm.instance_id = uuid.uuid4().hex  # cloud-init runs again: keys, users, hostname
     Vm.objects.filter(pk=vm.pk).update(instance_id=vm.instance_id)
+    # The course template's current image (it may have switched since the VM was made).
+    image_for_reset(vm)
     vm_consoles_close(vm, "the VM is being reset to its baseline")
     driver = driver_of(vm)
     since, access = timezone.now(), ssh_access.access_wanted(vm)

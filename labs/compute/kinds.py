@@ -14,7 +14,7 @@ from enum import StrEnum
 from django.utils import timezone
 
 from labs.choices import ObservedState, OperationKind
-from labs.compute import archives, executors, moves, quotas
+from labs.compute import archives, executors, images, moves, quotas
 from labs.errors import Busy, Invalid, OverQuota, Refused
 from labs.models import Operation, Vm
 
@@ -196,6 +196,15 @@ CATALOGUE: dict[str, Kind] = {
             audience=Audience.SYSTEM,
             destroys=True,
             confirm="Delete this volume and everything on it? This cannot be undone.",
+        ),
+        Kind(
+            # A course image from the VM's disk (labs/compute/images.py): asked for by the
+            # course's instructors in the admin or manage.py capture_vm, never on a group's
+            # page. A running VM's file systems are frozen while its disk is read.
+            OperationKind.CAPTURE,
+            images.vm_capture,
+            accepts=frozenset({S.RUNNING, S.SHUTOFF}),
+            audience=Audience.SYSTEM,
         ),
         Kind(
             OperationKind.PROVISION,

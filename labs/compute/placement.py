@@ -5,8 +5,9 @@ overview and the admin show what ``host_usages`` computes with it, and placement
 with it, so the three never disagree.
 
 Placement chooses only among hosts that are up (``Host.state``: not disabled, draining or
-unreachable); a group's VMs stay on the host where its others run while it has room; the
-course's policy (pack or spread) chooses otherwise. docs/decisions.md says why.
+unreachable) and hold the VM's image (labs/compute/image_copies.py); a group's VMs stay on
+the host where its others run while it has room; the course's policy (pack or spread)
+chooses otherwise. docs/decisions.md says why.
 """
 
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from labs.choices import (
     OperationKind,
     PlacementPolicy,
 )
-from labs.models import Course, Host, Operation, Vm
+from labs.compute.image_copies import holds_image, hosts_holding
+from labs.models import Course, Host, Image, Operation, Vm
 
 RESOURCES = ("vcpus", "memory_mib", "disk_gib")
 
@@ -180,7 +182,18 @@ def vm_place(*, vm: Vm) -> bool:
     """
     with transaction.atomic():
         # Lock the hosts that are up: two placements at once see each other's VMs.
-        up = list(Host.objects.select_for_update().filter(UP).order_by("name"))
+        up = list(
+            Host.objects.select_for_update()
+            .filter(UP)
+            .annotate(**holds_image(vm.image_id))
+            .order_by("name")
+        )
+        if up and not any(h.image_everywhere or h.image_copied for h in up):
+            image = Image.objects.get(pk=vm.image_id)
+            vm.status_message = _say(f"Waiting: no host that is up holds its image {image} yet.")
+            Vm.objects.filter(pk=vm.pk).update(status_message=vm.status_message)
+            return False
+        up = [h for h in up if h.image_everywhere or h.image_copied]
         usages = host_usages(hosts=Host.objects.filter(pk__in=[h.pk for h in up]))
         taken = _ports_taken(up)
         fitting: list[tuple[HostUsage, int]] = []
@@ -219,9 +232,11 @@ def vm_place(*, vm: Vm) -> bool:
 
 def move_destination(*, vm: Vm, away_from: Host) -> Host | None:
     """Where ``vm`` can go when it leaves ``away_from`` (a drain): a host that is up, has
-    room and a free SSH port, by the course's policy (spread: most free memory; pack: the
-    least that still fits). None when no host can take it."""
-    hosts = list(Host.objects.filter(UP).exclude(pk=away_from.pk).order_by("name"))
+    room, a free SSH port and the VM's image, by the course's policy (spread: most free
+    memory; pack: the least that still fits). None when no host can take it."""
+    hosts = list(
+        Host.objects.filter(UP, hosts_holding(vm.image)).exclude(pk=away_from.pk).order_by("name")
+    )
     taken = _ports_taken(hosts)
     fitting = [
         usage

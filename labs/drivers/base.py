@@ -310,5 +310,17 @@ class Driver(Protocol):
     # which volumes (serials) the domain's definition holds
     def volume_serials(self, name: str) -> list[str]: ...
 
+
+    # course images (labs/compute/images.py): the VM's disk flattened and sealed (no SSH
+    # host keys, machine-id, authorized_keys) into a standalone qcow2 at ``dest`` on this
+    # machine, its file systems frozen through the guest agent while it is read if it
+    # runs (timings returned); a local image file copied to ``path`` on this host (never
+    # over another file); the sha256 of the file at ``path`` on this host, None if absent.
+    def image_capture(
+        self, spec: VmSpec, dest: str, *, compress: bool, progress: Progress | None = None
+    ) -> dict[str, float]: ...
+    def image_put(self, source: str, path: str) -> None: ...
+    def image_digest(self, path: str) -> str | None: ...
+
     # Room for what the next issues add behind the same seam:
-    # networks (define, attach a NIC), image capture.
+    # networks (define, attach a NIC).

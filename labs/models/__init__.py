@@ -4,6 +4,7 @@
 
 - ``courses``: Course, Group, Membership
 - ``hosts``: Host, Image, VmTemplate
+- ``images``: ImageCopy (which host holds which imported or captured image)
 - ``vms``: Vm, Snapshot, ConsoleSession, the state history, archives
 - ``operations``: Operation and how the pages name who asked and why it waits
 - ``schedule``: the course clock's classes, holidays and the actions it took
@@ -12,6 +13,7 @@
 
 from labs.models.courses import Course, Group, Membership, _default_time_zone
 from labs.models.hosts import Host, Image, VmTemplate, clock
+from labs.models.images import ImageCopy
 from labs.models.operations import (
     WAIT_NOTICE_SECONDS,
     Operation,
@@ -33,6 +35,7 @@ __all__ = [
     "Group",
     "Host",
     "Image",
+    "ImageCopy",
     "Membership",
     "Operation",
     "Snapshot",

@@ -1,9 +1,11 @@
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
 from labs.choices import (
     DriverKind,
     HostState,
+    ImageSource,
     NetworkMode,
     VirtType,
 )
@@ -129,7 +131,12 @@ def clock(moment) -> str:
 
 
 class Image(models.Model):
-    """A read-only base disk image. Every host keeps it at the same path."""
+    """A read-only base disk image, at the same path on every host that holds it.
+
+    A built image (``build_image``) is put on every host by the operator (``everywhere``);
+    an imported or captured one (labs/compute/images.py) is copied by Stratus, and each
+    host's copy is an ImageCopy row: placement uses only hosts whose copy is present.
+    """
 
     name = models.SlugField(max_length=60, unique=True)
     os = models.CharField("OS", max_length=100)
@@ -137,6 +144,33 @@ class Image(models.Model):
     path = models.CharField(max_length=300, help_text="Absolute path of the qcow2 on each host.")
     size_gib = models.PositiveIntegerField("virtual size (GiB)", default=3)
     sha256 = models.CharField(max_length=64, blank=True)
+    course = models.ForeignKey(
+        Course,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="images",
+        help_text="The course it was made for; empty: any course may use it.",
+    )
+    source = models.CharField(
+        max_length=10, choices=ImageSource.choices, default=ImageSource.BUILT
+    )
+    everywhere = models.BooleanField(
+        default=True,
+        help_text="The operator keeps this file on every host; otherwise Stratus copies it "
+        "and tracks each host's copy.",
+    )
+    virtual_size = models.BigIntegerField("virtual size (bytes)", default=0)
+    captured_from = models.ForeignKey(
+        "labs.Vm", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -35,6 +35,16 @@ def image_register(*, name: str, path: Path, os: str, login_user: str = "student
     path = Path(path)
     if not path.is_file():
         raise ValidationError(f"No image file at {path}.")
+    sha256 = _sha256(path)
+    old = Image.objects.filter(name=name).first()
+    if old is not None and (old.path, old.sha256) != (str(path), sha256):
+        from labs.compute.images import image_in_use
+
+        why = image_in_use(old)
+        if why:  # overlays name the old file: never swap it under them
+            raise ValidationError(
+                f"The image {name} is in use ({why}): register the new file under a new name."
+            )
     image, _ = Image.objects.update_or_create(
         name=name,
         defaults={
@@ -42,7 +52,7 @@ def image_register(*, name: str, path: Path, os: str, login_user: str = "student
             "login_user": login_user,
             "path": str(path),
             "size_gib": _virtual_size_gib(path),
-            "sha256": _sha256(path),
+            "sha256": sha256,
         },
     )
     return image

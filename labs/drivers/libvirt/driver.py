@@ -9,12 +9,14 @@ Stratus that imports ``libvirt``. See docs/hypervisor.md.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import libvirt
 
+from labs.drivers import seal
 from labs.drivers.base import (
     DOMAIN_PREFIX,
     ConsoleEndpoint,
@@ -26,7 +28,7 @@ from labs.drivers.base import (
     VmSpec,
     validate_snapshot_name,
 )
-from labs.drivers.libvirt import agent, archive, connection, migration
+from labs.drivers.libvirt import agent, archive, connection, images, migration
 from labs.drivers.libvirt.errors import classify, error_code
 from labs.drivers.libvirt.storage import GiB, StorageMixin
 from labs.drivers.libvirt.volumes import VolumesMixin
@@ -625,6 +627,60 @@ class LibvirtDriver(StorageMixin, VolumesMixin):
         report("starting VM")
         self._start(dom)
         log.info("restored %s on %s from %s", spec.name, self.host, disk)
+
+    # -- course images (labs/drivers/libvirt/images.py, labs/drivers/seal.py) --
+
+    def image_capture(
+        self, spec: VmSpec, dest: str, *, compress: bool, progress: Progress | None = None
+    ) -> dict[str, float]:
+        """The VM's disk, flattened and sealed, as a standalone qcow2 at ``dest`` here."""
+        report = progress or (lambda _message: None)
+        dom = self._own_domain(spec)
+        if dom is None:
+            raise DomainMissing(f"VM {spec.name} is not defined on host {self.host}")
+        pool = self._pool_for(spec.storage_dir, create=False)
+        with self._errors(f"finding the disk of {spec.name}"):
+            volume = self._volume(pool, spec.overlay_name)
+            if volume is None:
+                raise HypervisorError(f"VM {spec.name} has no disk on host {self.host}")
+            overlay, running = volume.path(), dom.isActive()
+        if not os.path.isfile(overlay):
+            raise HypervisorError(
+                f"the disk {overlay} is not on this machine: a capture is made by the "
+                "worker of the VM's host, where the disk is"
+            )
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        report("freezing the guest's file systems" if running else "copying the disk")
+        with self._errors(f"capturing {spec.name}"):
+            freeze = images.frozen(dom, timings=timings) if running else None
+            sealed = seal.capture_file(overlay, dest, compress=compress, frozen=freeze)
+        timings["total_s"] = time.monotonic() - started
+        log.info("captured %s to %s (%s removed)", spec.name, dest, ", ".join(sealed.removed))
+        return timings
+
+    def image_put(self, source: str, path: str) -> None:
+        """The local file ``source`` copied to ``path`` on this host (a new volume)."""
+        directory, name = os.path.split(os.path.normpath(path))
+        pool = self._pool_for(directory, create=True)
+        with self._errors(f"copying image {name}"):
+            if self._volume(pool, name) is not None:
+                raise HypervisorError(f"host {self.host} has a file at {path} already")
+            images.put(self._conn, pool, source, name)
+        log.info("copied image %s to %s", path, self.host)
+
+    def image_digest(self, path: str) -> str | None:
+        """The sha256 of the file at ``path`` on this host; None when it is not there."""
+        directory, name = os.path.split(os.path.normpath(path))
+        try:
+            pool = self._pool_for(directory, create=False)
+        except HypervisorUnavailable:
+            raise
+        except HypervisorError:
+            return None
+        with self._errors(f"reading image {name}"):
+            volume = self._volume(pool, name)
+            return None if volume is None else images.digest(self._conn, volume)
 
     # -- moving between hosts --
 
