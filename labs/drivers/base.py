@@ -310,7 +310,6 @@ class Driver(Protocol):
     # which volumes (serials) the domain's definition holds
     def volume_serials(self, name: str) -> list[str]: ...
 
-
     # course images (labs/compute/images.py): the VM's disk flattened and sealed (no SSH
     # host keys, machine-id, authorized_keys) into a standalone qcow2 at ``dest`` on this
     # machine, its file systems frozen through the guest agent while it is read if it
