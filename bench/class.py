@@ -66,7 +66,7 @@ class Worker:
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env={**os.environ},
+            env={**os.environ, "LOG_LEVEL": "INFO"},  # the driver logs its timings at INFO
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -179,7 +179,8 @@ def bench(args, concurrency: int, run: str, image_path: Path, storage: Path, tmp
         )  # fmt: skip
         keys[group.pk] = key
 
-    log = tmp / f"worker-c{concurrency}.log"
+    # Kept after the run (the worker's own timings: "provisioned … in N s").
+    log = Path(tempfile.gettempdir()) / f"stratus-bench-class-{run}-c{concurrency}.log"
     worker = Worker(worker_argv(host.name, concurrency), log)
     print(f"\n{args.groups} groups, {args.memory} MiB VMs, worker --concurrency {concurrency}")
     try:
@@ -215,10 +216,17 @@ def bench(args, concurrency: int, run: str, image_path: Path, storage: Path, tmp
               f"{time.monotonic() - started:.2f} s")  # fmt: skip
         report(course, keys, started, args, "after the bulk start")
     finally:
+        worked = log.read_bytes()  # not what its own shutdown says
         worker.stop()
-        failed = re.findall(rb"(?m)^.*(?:ERROR|Traceback).*$", log.read_bytes())
+        failed = re.findall(rb"(?m)^.*(?:ERROR|Traceback).*$", worked)
         if failed:
             print(f"the worker logged {len(failed)} error line(s); first: {failed[0][:200]!r}")
+        took = [float(t) for t in re.findall(rb"provisioned \S+ on \S+ in ([0-9.]+) s", worked)]
+        if took:
+            print(
+                f"  the driver's part of a provision (overlay, seed, define, start): median "
+                f"{sorted(took)[len(took) // 2]:.2f} s, at most {max(took):.2f} s; log: {log}"
+            )
 
 
 def wait_all(course, state: str, started: float, what: str, timeout: float = 600) -> float:
