@@ -2,7 +2,7 @@
 together, with the Procfile's real worker.
 
     .venv/bin/python bench/class.py [--groups 20] [--memory 512] [--concurrency 2[,4,...]]
-                                    [--no-ssh] [--no-restart]
+                                    [--no-ssh] [--no-restart] [--restart-ssh]
 
 Real libvirt (qemu:///system, TCG here) with the project's base image; a throwaway SQLite
 database shared with a real `celery worker` started from the Procfile's `worker` line (its
@@ -15,7 +15,8 @@ host name, and only its host's queue: the bench never takes tasks from another p
    provision operations finished, libvirt says running) and, unless --no-ssh, until every
    VM answers SSH with its own group's key;
 2. unless --no-restart or --no-ssh, every VM is stopped through the overview's bulk form,
-   then started through it, and the same two times are printed.
+   then started through it, and the time until every VM runs is printed (with
+   --restart-ssh, also until every VM answers SSH again).
 
 Everything stays on 127.0.0.1 (SSH forwards on loopback); every domain, disk and pool the
 bench made is removed at the end, also when it fails.
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="2", help="worker concurrency, e.g. 1,2,4")
     parser.add_argument("--no-ssh", action="store_true", help="stop at 'running'")
     parser.add_argument("--no-restart", action="store_true", help="skip the bulk start")
+    parser.add_argument(
+        "--restart-ssh", action="store_true", help="wait for SSH after the bulk start too"
+    )
     parser.add_argument(
         "--image",
         default=str(
@@ -214,7 +218,7 @@ def bench(args, concurrency: int, run: str, image_path: Path, storage: Path, tmp
             raise SystemExit(f"the bulk start answered {answer.status_code}")
         print(f"bulk start (overview, {args.groups} stopped VMs): POST "
               f"{time.monotonic() - started:.2f} s")  # fmt: skip
-        report(course, keys, started, args, "after the bulk start")
+        report(course, keys, started, args, "after the bulk start", ssh=args.restart_ssh)
     finally:
         worked = log.read_bytes()  # not what its own shutdown says
         worker.stop()
@@ -240,7 +244,9 @@ def wait_all(course, state: str, started: float, what: str, timeout: float = 600
     raise SystemExit(f"not every VM {what} after {timeout:.0f} s: {sorted(states)}")
 
 
-def report(course, keys: dict[int, Path], started: float, args, when: str) -> None:
+def report(
+    course, keys: dict[int, Path], started: float, args, when: str, *, ssh: bool = True
+) -> None:
     from labs.choices import ObservedState
     from labs.models import Operation, Vm
 
@@ -259,7 +265,7 @@ def report(course, keys: dict[int, Path], started: float, args, when: str) -> No
         f"{waits[-1]:.1f} s in the queue before a worker slot took it; an operation took "
         f"median {took[len(took) // 2]:.2f} s, at most {took[-1]:.2f} s)"
     )
-    if args.no_ssh:
+    if args.no_ssh or not ssh:
         return
     vms = {vm.ssh_port: keys[vm.group_id] for vm in Vm.objects.filter(group__course=course)}
     ready: dict[int, float] = {}
