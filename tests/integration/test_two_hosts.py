@@ -21,12 +21,13 @@ from labs.choices import (
     OperationKind,
     OperationStatus,
 )
+from labs.compute import volumes
 from labs.compute.drain import host_drain
 from labs.compute.moves import vm_move_request
 from labs.compute.requests import vm_operation_request
 from labs.drivers.cloudinit import hostname_for
-from labs.errors import NotAllowed
-from labs.models import Host, Operation
+from labs.errors import NotAllowed, Refused
+from labs.models import Host, Operation, Volume
 from labs.people.groups import group_approve, group_register
 
 from .conftest import (
@@ -151,7 +152,7 @@ def test_a_vm_placed_on_the_second_host_runs_there_and_leaves_nothing(
 
 
 @pytest.mark.sqlite_pass_only
-def test_a_stopped_vm_moves_with_its_snapshots_across_a_killed_libvirtd_and_reverts_there(
+def test_a_stopped_vm_moves_with_snapshots_and_volume_across_a_killed_libvirtd_and_reverts(
     course,
     alice,
     ines,
@@ -175,6 +176,18 @@ def test_a_stopped_vm_moves_with_its_snapshots_across_a_killed_libvirtd_and_reve
     assert vm.host == qemu_host
     old_port = vm.ssh_port
     wait_for_ssh(key, old_port, timeout=240)
+    # A block volume with a file on it goes along (same serial), and bars a live move.
+    op = wait_operation(volumes.volume_create_request(vm=vm, name="data", size_gib=1, by=alice))
+    volume = Volume.objects.get(pk=op.params["volume"])
+    by_id = volume.guest_path
+    wait_for(lambda: ssh(key, old_port, f"test -e {by_id}").returncode == 0, timeout=30)
+    write = (
+        f"sudo mkfs.ext4 -q -F {by_id} && sudo mkdir -p /mnt/d && sudo mount {by_id} /mnt/d "
+        "&& echo moved-along | sudo tee /mnt/d/f && sync && sudo umount /mnt/d"
+    )
+    assert ssh(key, old_port, write, timeout=60).returncode == 0
+    with pytest.raises(Refused, match="has block volumes"):
+        vm_move_request(vm=vm, to=second_host, by=ines)
     for mark in ("one", "two"):
         assert ssh(key, old_port, f"echo {mark} > mark && sync").returncode == 0
         wait_operation(
@@ -209,10 +222,12 @@ def test_a_stopped_vm_moves_with_its_snapshots_across_a_killed_libvirtd_and_reve
     assert _domains(second_host.uri) == [vm.domain_name]
     assert _domains(qemu_host.uri) == []
     assert not list(storage_dir.glob(f"{vm.domain_name}*"))
-    assert sorted(p.name for p in second_storage_dir.iterdir()) == [
-        f"{vm.domain_name}-seed.iso",
-        f"{vm.domain_name}.qcow2",
-    ]
+    volume.refresh_from_db()
+    assert volume.host == second_host and volume.vm == vm
+    assert sorted(p.name for p in second_storage_dir.iterdir()) == sorted(
+        [f"{vm.domain_name}-seed.iso", f"{vm.domain_name}.qcow2", volume.file_name]
+    )
+    assert not (storage_dir / volume.file_name).exists()
     listed = virsh_on(second_host.uri, "snapshot-list", vm.domain_name, "--name").stdout.split()
     assert sorted(listed) == ["one", "two"]
     assert sorted(vm.snapshots.values_list("name", flat=True)) == ["one", "two"]
@@ -232,10 +247,17 @@ def test_a_stopped_vm_moves_with_its_snapshots_across_a_killed_libvirtd_and_reve
         wait_operation(revert, timeout=120)
         wait_for_ssh(key, vm.ssh_port, timeout=60)
         assert _answer(key, vm.ssh_port, "cat mark") == mark
+    read = f"sudo mkdir -p /mnt/d && sudo mount {by_id} /mnt/d && cat /mnt/d/f"
+    assert _answer(key, vm.ssh_port, read) == "moved-along"
     print(f"\ncold move across a killed libvirtd: {timings}, {move.attempts} attempts")
 
+    # Deleting the VM keeps its volume (detached); the volume's deletion runs there.
     wait_operation(vm_operation_request(vm=vm, kind=OperationKind.DELETE, by=alice), timeout=120)
     assert _domains(second_host.uri) == []
+    volume.refresh_from_db()
+    assert volume.vm is None and (second_storage_dir / volume.file_name).exists()
+    wait_operation(volumes.volume_delete_request(volume=volume, by=alice))
+    assert not (second_storage_dir / volume.file_name).exists()
 
 
 @pytest.mark.sqlite_pass_only
