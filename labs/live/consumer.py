@@ -116,6 +116,12 @@ class EventsConsumer(AsyncWebsocketConsumer):
             and events.course_channel(payload.get("course")) not in self.groups
         ):
             return
+        # A rendering for the course's staff only ever reaches a staff connection.
+        if (
+            payload.get("audience") == events.STAFF
+            and events.course_channel(payload.get("course")) not in self.groups
+        ):
+            return
         await self.send(text_data=json.dumps(payload))
 
     async def events_access(self, event) -> None:
