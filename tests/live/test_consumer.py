@@ -56,8 +56,15 @@ class Page:
     def __init__(self, communicator: WebsocketCommunicator, connected: bool) -> None:
         self.communicator = communicator
         self.connected = connected
+        self.pushes: list[dict] = []
 
     async def next_event(self, timeout: float = 5) -> dict:
+        """The next event, past the pushed regions (``pushes`` keeps those)."""
+        while (event := await self.next_frame(timeout))["type"] == "regions":
+            self.pushes.append(event)
+        return event
+
+    async def next_frame(self, timeout: float = 5) -> dict:
         return json.loads(await self.communicator.receive_from(timeout=timeout))
 
     async def next_event_but_ssh_updates(self, timeout: float = 5) -> dict:
