@@ -117,17 +117,18 @@ def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[
     course asked (``events.regions_flush`` turns them into channel-layer messages)."""
     pushes: list[tuple[str, int, dict]] = []
     for group_id in sorted(groups):
+        at = time.time()  # what the renderings show was read after this
         group = selectors.group_for_push(group_id=group_id)
         if group is None:  # deleted meanwhile: the pages learn it when they fetch
             continue
         for staff in [audience == STAFF for audience in groups[group_id]]:
-            at = time.time()  # what the rendering shows was read after this
             payload = {
                 "type": "regions",
                 "page": "group",
                 "group": group.pk,
                 "course": group.course_id,
                 "audience": STAFF if staff else MEMBERS,
+                "at": at,
                 "regions": group_regions(group=group, staff=staff),
             }
             pushes.append(

@@ -237,3 +237,36 @@ async def test_events_name_no_channel_group_a_browser_could_use(cast, alice):
             "type", "group", "course", "group_name", "vm", "vm_name", "operation", "kind",
             "kind_display", "status", "status_display", "progress", "error",
         }  # fmt: skip
+
+
+# --- the pushed regions ---------------------------------------------------------------------
+
+
+async def next_push(page: Page, timeout: float = 5) -> dict:
+    while (frame := await page.next_frame(timeout))["type"] != "regions":
+        continue
+    return frame
+
+
+async def test_each_change_pushes_the_members_rendering_to_the_group_and_never_the_staffs(
+    cast, alice, ines
+):
+    async with events_socket(alice) as alices, events_socket(ines) as instructors:
+        op = await snapshot(cast.vm_a, alice)
+        first = await next_push(alices)
+        await claim(op)
+        second = await next_push(alices)
+        assert [(p["page"], p["audience"], p["group"]) for p in (first, second)] == [
+            ("group", "members", cast.group_a.pk)
+        ] * 2
+        assert "queued" in first["regions"]["machines"]
+        assert "running" in second["regions"]["machines"]
+        assert second["at"] > first["at"]
+        staff = [await next_push(instructors) for _ in range(4)]
+        assert {(p["page"], p["audience"]) for p in staff} == {
+            ("group", "staff"),
+            ("course", "staff"),
+        }
+        assert await alices.hears_nothing() or all(
+            p["audience"] == "members" for p in alices.pushes
+        )

@@ -154,9 +154,7 @@ def test_a_burst_of_changes_within_the_window_is_rendered_once(approved_a, liste
     deadline = time.monotonic() + 5
     pushes = []
     while time.monotonic() < deadline and not pushes:
-        pushes = [
-            m["payload"] for m in within(members, 0.5) if m["payload"]["type"] == "regions"
-        ]
+        pushes = [m["payload"] for m in within(members, 0.5) if m["payload"]["type"] == "regions"]
     assert len(pushes) == 1
     assert "Running" in pushes[0]["regions"]["machines"]  # the last state
     assert regions.RENDERS - before == {"group:members": 1}  # nobody on the course channel
