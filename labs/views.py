@@ -94,7 +94,10 @@ def group_detail(request, group_id: int):
     group = selectors.group_for_viewer(user=request.user, group_id=group_id)
     # The shared regions as this viewer's audience sees them (labs/live/regions.py pushes
     # the same), then the viewer's own part: their hours.
-    staff = access.is_course_staff(user=request.user, course=group.course_id)
+    # The selector let the viewer in: a student member of the group, or else course staff
+    # (a student of the course is in one group at most, staff in none).
+    members = group.memberships.all()
+    staff = request.user.is_superuser or not any(m.user_id == request.user.pk for m in members)
     context = regions.group_context(group=group, staff=staff)
     if group.status == GroupStatus.APPROVED:
         context["hours"] = usage_hours.group_hours(group=group, user=request.user)
