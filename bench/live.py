@@ -292,7 +292,8 @@ def main() -> None:
         if done:
             print(
                 f"  every client holds the final state {max(done):.2f} s after the last "
-                f"change (median {sorted(done)[len(done) // 2]:.2f} s)"
+                f"change ({sum(d <= 0 for d in done)} of {len(done)} already before it: "
+                "their group was done earlier)"
             )
         if missing:
             print(f"  NOT final after 10 s: {len(missing)} clients, e.g. {missing[:3]}")
@@ -301,13 +302,15 @@ def main() -> None:
                 print(json.dumps(stuck.regions, indent=1))
         print(
             f"  renderings pushed: {pushed} ({', '.join(f'{k} {v}' for k, v in renders.items())})"
-            f"; page GETs: {len(clients)} (one per socket open)"
+            f"; page GETs: {len(clients)} (one per socket open); the same however many "
+            "pages each group has open"
         )
         events_seen = sum(c.events for c in clients)
         print(
-            f"  events delivered to the pages: {events_seen} (the old transport fetched the "
-            f"whole page again on each, coalesced per 120 ms: up to {events_seen} page "
-            f"renders); frames received in all: {frames}"
+            f"  events delivered to the pages: {events_seen} (the old transport rendered the "
+            f"whole page again for each open page on each, coalesced per 120 ms: up to "
+            f"{events_seen} page renders here, four times that with every member's page "
+            f"open); frames received in all: {frames}"
         )
     finally:
         if server is not None and server.poll() is None:
