@@ -60,6 +60,11 @@ def user_channel(user_id: int) -> str:
     return f"events.user.{user_id}"
 
 
+def staff_page_channel(group_id: int) -> str:
+    """The group page's staff rendering: the course's staff with that page open."""
+    return f"events.group.{group_id}.staff"
+
+
 # --- what services call ----------------------------------------------------------------------
 
 
@@ -100,11 +105,18 @@ def access_recheck(*, user_id: int, session_hash: str = "") -> None:
 # --- who listens where ---------------------------------------------------------------------------
 
 
-def channels_for(*, user: AbstractBaseUser) -> set[str]:
+def channels_for(*, user: AbstractBaseUser, page_group: int | None = None) -> set[str]:
     """The channel-layer groups one user's connections listen on: their own, the groups
-    they are a member of, and the courses they staff (every course for a superuser)."""
+    they are a member of, and the courses they staff (every course for a superuser); and
+    for a connection of a group's page (``page_group``) whose course they staff, that
+    page's staff rendering."""
     if not user.is_authenticated or not user.is_active:
         return set()
+    staff_page = set()
+    if page_group is not None:
+        group = Group.objects.filter(pk=page_group).only("course_id").first()
+        if group is not None and access.is_course_staff(user=user, course=group.course_id):
+            staff_page = {staff_page_channel(group.pk)}
     groups = Membership.objects.filter(user=user, group__isnull=False).values_list(
         "group_id", flat=True
     )
@@ -115,6 +127,7 @@ def channels_for(*, user: AbstractBaseUser) -> set[str]:
         user_channel(user.pk),
         *(group_channel(group_id) for group_id in groups),
         *(course_channel(course_id) for course_id in courses),
+        *staff_page,
     }
 
 
@@ -201,12 +214,12 @@ def _publish_payload(payload: dict[str, Any] | None) -> None:
 # --- pushing the rendered regions ---------------------------------------------------------------
 
 # The audiences of a group page: its members (on the group's channel) and the course's
-# staff (on the course's channel).
+# staff who have it open (on ``staff_page_channel``).
 MEMBERS = "members"
 STAFF = "staff"
 
-# (groups={group_id: [audience, …]}, course_ids={…}) -> [("group" | "course", id, payload)];
-# labs.apps sets it.
+# (groups={group_id: [audience, …]}, course_ids={…}) -> [(channel kind, id, payload)], the
+# kind "group", "staff-page" or "course"; labs.apps sets it.
 Renderer = Callable[..., list[tuple[str, int, dict[str, Any]]]]
 _renderer: Renderer | None = None
 
@@ -270,7 +283,11 @@ def regions_flush() -> int:
     groups, courses = _changed.take()
     if _renderer is None or not (groups or courses):
         return 0
-    heard = listened([group_channel(g) for g in groups] + [course_channel(c) for c in courses])
+    heard = listened(
+        [group_channel(g) for g in groups]
+        + [staff_page_channel(g) for g in groups]
+        + [course_channel(c) for c in courses]
+    )
     if heard is None:  # Redis is away: nothing could be pushed
         return 0
 
@@ -282,11 +299,11 @@ def regions_flush() -> int:
             audience
             for audience, channel in (
                 (MEMBERS, group_channel(group_id)),
-                (STAFF, course_channel(course_id)),
+                (STAFF, staff_page_channel(group_id)),
             )
             if heard_on(channel)
         ]
-        for group_id, course_id in groups.items()
+        for group_id in groups
     }
     audiences = {group_id: wanted for group_id, wanted in audiences.items() if wanted}
     overviews = {course_id for course_id in courses if heard_on(course_channel(course_id))}
@@ -297,11 +314,13 @@ def regions_flush() -> int:
     except Exception:
         log.exception("live regions not rendered (groups %s, courses %s)", groups, courses)
         return 0
+    channel_of = {
+        "group": group_channel,
+        "staff-page": staff_page_channel,
+        "course": course_channel,
+    }
     messages = [
-        (
-            group_channel(target) if kind == "group" else course_channel(target),
-            {"type": EVENT_MESSAGE, "payload": payload},
-        )
+        (channel_of[kind](target), {"type": EVENT_MESSAGE, "payload": payload})
         for kind, target, payload in pushes
     ]
     layer_publish(messages)

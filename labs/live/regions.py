@@ -7,7 +7,8 @@ rendering serves everyone of an audience:
 
 - ``members``: the group page as the group's students see it (sent to ``events.group.<id>``),
 - ``staff``: the group page as the course's staff see it — Observe, the buttons the
-  deadline does not take away — and the overview (sent to ``events.course.<id>``).
+  deadline does not take away — (to ``events.group.<id>.staff``, which only a staff
+  member's socket of that page joins) and the overview (to ``events.course.<id>``).
 
 So nothing in a pushed region may belong to one viewer: its forms are rendered without a
 CSRF token (``static/js/confirm.js`` adds the page's own, from ``<meta name="csrf-token">``,
@@ -131,9 +132,7 @@ def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[
                 "at": at,
                 "regions": group_regions(group=group, staff=staff),
             }
-            pushes.append(
-                ("course" if staff else "group", group.course_id if staff else group.pk, payload)
-            )
+            pushes.append(("staff-page" if staff else "group", group.pk, payload))
     for course in selectors.courses_for_push(course_ids=course_ids):
         at = time.time()
         payload = {

@@ -107,7 +107,10 @@
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
     let ws;
     try {
-      ws = new WebSocket(`${scheme}//${window.location.host}${config.socket}`);
+      // A group page says which: a staff member's socket then joins that page's staff
+      // rendering (the server decides who is staff).
+      const page = config.group ? `?group=${encodeURIComponent(config.group)}` : "";
+      ws = new WebSocket(`${scheme}//${window.location.host}${config.socket}${page}`);
     } catch (error) {
       reconnectLater();
       return;

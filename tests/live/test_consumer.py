@@ -81,11 +81,11 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def events_socket(user=None, *, origin: bytes = ORIGIN):
+async def events_socket(user=None, *, origin: bytes = ORIGIN, path: str = "/ws/events/"):
     headers = [(b"origin", origin)]
     if user is not None:
         headers.append((b"cookie", f"sessionid={await session_of(user)}".encode()))
-    communicator = WebsocketCommunicator(application, "/ws/events/", headers=headers)
+    communicator = WebsocketCommunicator(application, path, headers=headers)
     connected, _ = await communicator.connect(timeout=5)
     try:
         yield Page(communicator, connected)
@@ -262,11 +262,28 @@ async def test_each_change_pushes_the_members_rendering_to_the_group_and_never_t
         assert "queued" in first["regions"]["machines"]
         assert "running" in second["regions"]["machines"]
         assert second["at"] > first["at"]
-        staff = [await next_push(instructors) for _ in range(4)]
-        assert {(p["page"], p["audience"]) for p in staff} == {
+        staff = [await next_push(instructors) for _ in range(2)]
+        assert {(p["page"], p["audience"]) for p in staff} == {("course", "staff")}
+        assert all(p["audience"] == "members" for p in alices.pushes)
+
+
+async def test_the_staff_rendering_reaches_a_staff_members_group_page_and_no_students(
+    cast, alice, carol, ines
+):
+    page = f"/ws/events/?group={cast.group_a.pk}"
+    async with (
+        events_socket(ines, path=page) as instructors,
+        events_socket(alice, path=page) as alices,
+        events_socket(carol, path=page) as carols,  # another group's student, same query
+    ):
+        await snapshot(cast.vm_a, alice)
+        pushed = [await next_push(instructors) for _ in range(2)]
+        assert {(p["page"], p["audience"]) for p in pushed} == {
             ("group", "staff"),
             ("course", "staff"),
         }
-        assert await alices.hears_nothing() or all(
-            p["audience"] == "members" for p in alices.pushes
-        )
+        staff_group = next(p for p in pushed if p["page"] == "group")
+        assert "?mode=view" in staff_group["regions"]["machines"]
+        mine = await next_push(alices)
+        assert mine["audience"] == "members" and "?mode=view" not in mine["regions"]["machines"]
+        assert await carols.hears_nothing()

@@ -95,9 +95,10 @@ def test_a_change_of_group_a_is_pushed_to_a_alone_rendered_once_per_audience(
 ):
     make_vm(group_b, name="vm1", ssh_port=22001)
     vm = Vm.objects.get(group=approved_a)
-    a_members, staff, b_members = (
+    a_members, staff, staff_page, b_members = (
         listen(group_of(approved_a)),
         listen(course_of(approved_a)),
+        listen(events.staff_page_channel(approved_a.pk)),
         listen(group_of(group_b)),
     )
     before = regions.RENDERS.copy()
@@ -112,10 +113,12 @@ def test_a_change_of_group_a_is_pushed_to_a_alone_rendered_once_per_audience(
     ]
     assert "Stopped" in pushes[0]["regions"]["machines"]
     assert "Bravo" not in "".join(pushes[0]["regions"].values())
-    to_staff = [m["payload"] for m in within(staff, 1)]
-    assert sorted(
-        (p["page"], p.get("group"), p["audience"]) for p in to_staff if p["type"] == "regions"
-    ) == [("course", None, "staff"), ("group", approved_a.pk, "staff")]
+    to_staff = [m["payload"] for m in within(staff, 1) if m["payload"]["type"] == "regions"]
+    assert [(p["page"], p["audience"]) for p in to_staff] == [("course", "staff")]
+    to_page = [m["payload"] for m in within(staff_page, 1)]
+    assert [(p["page"], p["group"], p["audience"]) for p in to_page] == [
+        ("group", approved_a.pk, "staff")
+    ]
     assert within(b_members, 0.5) == []
     assert regions.RENDERS - before == {"group:members": 1, "group:staff": 1, "course:staff": 1}
 
@@ -131,14 +134,25 @@ def test_nothing_is_rendered_for_channels_nobody_listens_on(
 
 
 @pytest.mark.django_db
-def test_only_the_staff_rendering_is_made_when_only_staff_listen(
+def test_only_the_overview_is_rendered_when_only_an_overview_listens(
     approved_a, listen, django_capture_on_commit_callbacks
 ):
     listen(course_of(approved_a))
     before = regions.RENDERS.copy()
     with django_capture_on_commit_callbacks(execute=True):
         events.vm_changed(vm=Vm.objects.get(group=approved_a))
-    assert regions.RENDERS - before == {"group:staff": 1, "course:staff": 1}
+    assert regions.RENDERS - before == {"course:staff": 1}
+
+
+@pytest.mark.django_db
+def test_the_staff_rendering_of_a_group_page_is_made_when_a_staff_member_has_it_open(
+    approved_a, listen, django_capture_on_commit_callbacks
+):
+    listen(events.staff_page_channel(approved_a.pk))
+    before = regions.RENDERS.copy()
+    with django_capture_on_commit_callbacks(execute=True):
+        events.vm_changed(vm=Vm.objects.get(group=approved_a))
+    assert regions.RENDERS - before == {"group:staff": 1}
 
 
 @pytest.mark.django_db(transaction=True)
