@@ -61,3 +61,9 @@ def memo(parser, token):
     nodelist = parser.parse(("endmemo",))
     parser.delete_first_token()
     return MemoNode(nodelist, bits[1], [parser.compile_filter(bit) for bit in bits[2:]])
+
+
+def forget() -> None:
+    """Drop every kept fragment (tests: rows of another test can have the same values)."""
+    with _lock:
+        _kept.clear()
