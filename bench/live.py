@@ -93,8 +93,10 @@ def child(coalesce_ms: int) -> None:
             runner.operation_run(operation_id=operation_id, worker="bench@sim", may_retry=False)
             ran += 1
     last_change = time.time()
-    time.sleep(coalesce_ms / 1000 + 2)  # the last window's push goes out
-    events.regions_flush()
+    time.sleep(coalesce_ms / 1000 + 0.05)
+    deadline = time.monotonic() + 30
+    while not events.regions_idle() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the last window's push goes out before this process ends
     print(
         json.dumps(
             {

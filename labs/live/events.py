@@ -232,13 +232,15 @@ def regions_renderer(render: Renderer | None) -> None:
 
 
 class _Changed:
-    """The groups and courses changed since the last push, in this process."""
+    """The groups and courses changed since the last push, in this process, and the one
+    flush at a time that pushes them (``timer``: one is waiting; ``flushing``: one runs)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.groups: dict[int, int] = {}  # group -> its course
         self.courses: set[int] = set()
         self.timer: threading.Timer | None = None
+        self.flushing = False
 
     def take(self) -> tuple[dict[int, int], set[int]]:
         with self.lock:
@@ -246,14 +248,27 @@ class _Changed:
             self.groups, self.courses, self.timer = {}, set(), None
         return groups, courses
 
+    def schedule(self, window: float) -> None:
+        """Start the window's timer unless one waits or a flush runs (call with the lock)."""
+        if self.timer is None and not self.flushing and (self.groups or self.courses):
+            self.timer = threading.Timer(window, _flush_in_thread)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def idle(self) -> bool:
+        with self.lock:
+            return self.timer is None and not self.flushing and not (self.groups or self.courses)
+
 
 _changed = _Changed()
 
 
 def regions_changed(*, group_id: int | None, course_id: int) -> None:
     """Render and push the regions of this group (its page) and course (the overview)
-    once the coalescing window has passed: a burst of changes renders each once. With
-    ``LIVE_COALESCE_MS`` 0 (the tests) it renders now."""
+    once the coalescing window has passed: a burst of changes renders each once. One
+    flush runs at a time; what changes meanwhile waits for the next (under load the
+    windows grow instead of the renderings piling up). With ``LIVE_COALESCE_MS`` 0 (the
+    tests) it renders now."""
     if _renderer is None:
         return
     window = settings.LIVE_COALESCE_MS / 1000
@@ -262,19 +277,26 @@ def regions_changed(*, group_id: int | None, course_id: int) -> None:
             _changed.groups[group_id] = course_id
         _changed.courses.add(course_id)
         if window > 0:
-            if _changed.timer is None:
-                _changed.timer = threading.Timer(window, _flush_in_thread)
-                _changed.timer.daemon = True
-                _changed.timer.start()
+            _changed.schedule(window)
             return
     regions_flush()
 
 
+def regions_idle() -> bool:
+    """Nothing waits to be pushed and no flush runs (bench/live.py waits for it)."""
+    return _changed.idle()
+
+
 def _flush_in_thread() -> None:
+    with _changed.lock:
+        _changed.flushing = True
     try:
         regions_flush()
     finally:
         connections.close_all()  # this thread's own connections
+        with _changed.lock:
+            _changed.flushing = False
+            _changed.schedule(settings.LIVE_COALESCE_MS / 1000)
 
 
 def regions_flush() -> int:
