@@ -113,9 +113,10 @@ def course_regions(*, course) -> dict[str, str]:
 
 
 def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[str, int, dict]]:
-    """The pushes for a batch of changes: ("group" | "course", id, payload) each — every
-    group's page for the audiences asked (``MEMBERS``, ``STAFF``), the overview of every
-    course asked (``events.regions_flush`` turns them into channel-layer messages)."""
+    """The pushes for a batch of changes: ("group" | "staff-page" | "course", id, payload)
+    each — every group's page for the audiences asked (``MEMBERS``, ``STAFF``), the
+    overview of every course asked (``events.regions_flush`` turns them into
+    channel-layer messages)."""
     pushes: list[tuple[str, int, dict]] = []
     for group_id in sorted(groups):
         at = time.time()  # what the renderings show was read after this
