@@ -87,7 +87,7 @@ def test_a_teammates_page_follows_live_catches_up_after_a_restart_other_groups_h
             carol_sockets, carol_frames = [], []
 
             def on_socket(ws):
-                if ws.url.endswith("/ws/events/"):
+                if "/ws/events/" in ws.url:  # a group page says which: ?group=<id>
                     carol_sockets.append(ws)
                     ws.on("framereceived", lambda frame: carol_frames.append(frame))
 
