@@ -8,7 +8,8 @@ Builds a throwaway database (a SQLite file in a temporary directory, or with --p
 new database on that server, dropped afterwards), seeds one course with N approved groups
 (four students, two VMs with two snapshots and ten operations each, one of them failed),
 counts the queries of each page with the test client, then serves the site the way the
-Procfile does (uvicorn, DEBUG off) on 127.0.0.1 and loads each page with N concurrent
+Procfile does (DEBUG off; ``--server`` picks uvicorn, granian (ASGI or WSGI) or gunicorn
+(WSGI, threads)) on 127.0.0.1 and loads each page with N concurrent
 keep-alive clients, each signed in:
 
 - closed loop: every client asks again as soon as it has its answer (the worst case);
@@ -267,24 +268,37 @@ def _server_env(db_env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def serve(db_env: dict[str, str], workers: int, log: Path) -> tuple[subprocess.Popen, int]:
+# The servers measured (--server): the command line of each, for a port and a number of
+# worker processes. WSGI ones serve the pages only (websockets would go to an ASGI one).
+SERVERS = {
+    "uvicorn": lambda port, workers: [
+        *("-m", "uvicorn", "portal.asgi:application", "--host", "127.0.0.1"),
+        *("--port", str(port), "--no-access-log", "--workers", str(workers)),
+    ],
+    "granian": lambda port, workers: [
+        *("-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port)),
+        *("--workers", str(workers), "--no-access-log", "portal.asgi:application"),
+    ],
+    "granian-wsgi": lambda port, workers: [
+        *("-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(port)),
+        *("--workers", str(workers), "--blocking-threads", "4", "--no-access-log"),
+        "portal.wsgi:application",
+    ],
+    "gunicorn": lambda port, workers: [
+        *("-m", "gunicorn", "portal.wsgi:application", "--bind", f"127.0.0.1:{port}"),
+        *("--workers", str(workers), "--worker-class", "gthread", "--threads", "4"),
+    ],
+}
+
+
+def serve(
+    db_env: dict[str, str], workers: int, log: Path, server: str = "uvicorn"
+) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = _server_env(db_env)
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "portal.asgi:application",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--workers",
-        str(workers),
-    ]
+    command = [sys.executable, *SERVERS[server](port, workers)]
     proc = subprocess.Popen(
         command,
         cwd=ROOT,
@@ -303,7 +317,7 @@ def serve(db_env: dict[str, str], workers: int, log: Path) -> tuple[subprocess.P
                 break
             time.sleep(0.2)
     proc.kill()
-    raise SystemExit("uvicorn did not start")
+    raise SystemExit(f"{server} did not start")
 
 
 def main() -> None:
@@ -311,7 +325,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--groups", type=int, default=50)
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
+    parser.add_argument("--server", choices=sorted(SERVERS), default="uvicorn")
     parser.add_argument("--postgres", help="server URL; a throwaway database is made there")
     args = parser.parse_args()
 
@@ -364,10 +379,10 @@ def main() -> None:
         connections.close_all()
 
         server_log = Path(tmp.name) / "server.log"
-        server, port = serve(db_env, args.workers, server_log)
+        server, port = serve(db_env, args.workers, server_log, args.server)
         print(
             f"\n{args.clients} clients, {args.seconds:.0f} s each, {args.groups} groups, "
-            f"uvicorn --workers {args.workers}, DEBUG off, 127.0.0.1"
+            f"{args.server} --workers {args.workers}, DEBUG off, 127.0.0.1"
         )
         print(
             f"  {'page':<22} {'mode':<7} {'requests':>8} {'req/s':>7} "

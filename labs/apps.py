@@ -6,5 +6,9 @@ class LabsConfig(AppConfig):
     verbose_name = "Labs"
 
     def ready(self) -> None:
-        # Access ends wherever it ends: the signals that close sockets.
+        # Access ends wherever it ends: the signals that close sockets. Live pages: what
+        # changed is rendered once per audience and pushed (labs.live.regions).
+        from labs.live import events, regions
         from labs.people import revocation  # noqa: F401
+
+        events.regions_renderer(regions.render)

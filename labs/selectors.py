@@ -30,23 +30,38 @@ def memberships_of(*, user: AbstractBaseUser) -> QuerySet[Membership]:
     return Membership.objects.filter(user=user).select_related("course", "group__created_by")
 
 
-def group_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:
-    """One group with its members, if the user may view it (a member, course staff);
-    else 404."""
+def _group_page(groups: QuerySet[Group]) -> QuerySet[Group]:
     members = Prefetch(
         "memberships",
         queryset=Membership.objects.select_related("user").order_by("user__username"),
     )
-    group = (
-        access.restrict(Group.objects.all(), user=user, action=Action.VIEW)
-        .select_related("course", "reviewed_by")
-        .prefetch_related(members)
-        .filter(pk=group_id)
-        .first()
-    )
+    return groups.select_related("course", "reviewed_by").prefetch_related(members)
+
+
+def group_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:
+    """One group with its members, if the user may view it (a member, course staff);
+    else 404."""
+    group = _group_page(
+        access.restrict(Group.objects.all(), user=user, action=Action.VIEW).filter(pk=group_id)
+    ).first()
     if group is None:
         raise Http404("No such group.")
     return group
+
+
+def group_for_push(*, group_id: int) -> Group | None:
+    """One group with its members, for the live renderer (``labs.live.regions``), or None.
+
+    Read for no user: the rendering goes to a channel-layer group, and who listens there
+    was decided by the access policy when the socket subscribed (``events.channels_for``:
+    the group's members; the course's staff).
+    """
+    return _group_page(Group.objects.filter(pk=group_id)).first()
+
+
+def courses_for_push(*, course_ids: set[int]) -> list[Course]:
+    """The courses whose overview the live renderer renders (for their staff's channel)."""
+    return list(Course.objects.filter(pk__in=course_ids).order_by("pk")) if course_ids else []
 
 
 def group_for_member(*, user: AbstractBaseUser, group_id: int) -> Group:

@@ -2,6 +2,8 @@
 selector or ``labs.access``), calls one service and maps its refusal once
 (``say_refusal``, ``form_refusal``)."""
 
+import time
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
@@ -17,7 +19,7 @@ from labs import access, selectors
 from labs.access import Action
 from labs.choices import GroupStatus, ObservedState, Role
 from labs.compute import bulk as bulk_services
-from labs.compute import clock, idle, kinds, quotas, requests, term
+from labs.compute import clock, idle, kinds, requests, term
 from labs.compute import usage as usage_hours
 from labs.consoles import leases, rules, tickets
 from labs.errors import StratusError, message_of
@@ -28,6 +30,7 @@ from labs.forms import (
     GroupKeyForm,
     GroupSignupForm,
 )
+from labs.live import regions
 from labs.people import groups as group_services
 from labs.people.tokens import account_tokens
 from labs.throttle import Throttled, client_address, throttle_hit
@@ -87,51 +90,31 @@ def group_signup(request, slug: str):
 
 @login_required
 def group_detail(request, group_id: int):
+    at = time.time()  # live.js: a push rendered before this is older than the page
     group = selectors.group_for_viewer(user=request.user, group_id=group_id)
-    members = list(group.memberships.all())
-    is_member = any(m.user_id == request.user.pk for m in members)
-    context = {
-        "group": group,
-        "members": members,
-        "is_member": is_member,
-        "can_observe": access.may(request.user, Action.OBSERVE, group),
-    }
+    # The shared regions as this viewer's audience sees them (labs/live/regions.py pushes
+    # the same), then the viewer's own part: their hours.
+    # The selector let the viewer in: a student member of the group, or else course staff
+    # (a student of the course is in one group at most, staff in none).
+    members = group.memberships.all()
+    staff = request.user.is_superuser or not any(m.user_id == request.user.pk for m in members)
+    context = regions.group_context(group=group, staff=staff)
     if group.status == GroupStatus.APPROVED:
-        vms = selectors.vms_of_group(group=group)
-        for vm in vms:  # the buttons each VM offers now, from the catalogue
-            vm.card_kinds = kinds.on_vm_card(vm)
-            vm.snapshot_kinds = kinds.on_snapshot_row(vm)
-            vm.takes_snapshots = kinds.takes_snapshots(vm)
-            vm.idle_warning, vm.kept_until = idle.warning_of(vm), idle.kept_until(vm)
-        term.page_buttons(vms=vms, user=request.user, course=group.course)
-        quota = quotas.group_quota(group=group)
-        usage = quotas.group_usage(group=group, vms=vms)
-        context.update(
-            vms=vms,
-            operations=selectors.operations_of_group(group=group),
-            outlook=clock.course_outlook(course=group.course),
-            term_notice=term.group_notice(course=group.course),
-            quota=quota,
-            usage=usage,
-            left={key: max(quota[key] - usage[key], 0) for key in quota},
-            hours=usage_hours.group_hours(group=group, user=request.user),
-        )
-    if is_member and group.is_editable:
-        context["edit_form"] = GroupEditForm(
-            initial={"project_title": group.project_title, "project_idea": group.project_idea}
-        )
-    if is_member:  # an approved group's new key takes effect at once
-        context["key_form"] = GroupKeyForm()
-    return _render_live(request, "labs/group_detail.html", context)
+        context["hours"] = usage_hours.group_hours(group=group, user=request.user)
+    return _render_live(request, "labs/group_detail.html", context, at=at)
 
 
-def _render_live(request, template: str, context: dict, status: int = 200):
-    """Render a page that live.js refreshes (docs/live-updates.md).
+def _render_live(request, template: str, context: dict, *, at: float, status: int = 200):
+    """Render a page that live.js keeps up to date (docs/live-updates.md).
 
-    live.js fetches the page again to update its regions; such a fetch must not use up the
-    flash messages meant for the next real page load.
+    ``at``: when the page's reads began; live.js ignores pushes rendered before it (and a
+    fetch older than a push it holds). live.js fetches the page once after each
+    (re)connect; such a fetch must not use up the flash messages meant for the next real
+    page load.
     """
+    context["live_at"] = f"{at:.6f}"
     response = render(request, template, context, status=status)
+    response["X-Live-At"] = context["live_at"]
     if request.headers.get("X-Live-Refresh"):
         messages.get_messages(request).used = False
     return response
@@ -370,6 +353,7 @@ def healthz(request):
 
 
 def _overview_page(request, course, form: BulkActionForm, status: int = 200):
+    at = time.time()
     overview = selectors.course_overview(course=course)
     context = {
         "course": course,
@@ -386,7 +370,7 @@ def _overview_page(request, course, form: BulkActionForm, status: int = 200):
             "confirm_reset": bool(form["confirm_reset"].value()),
         },
     }
-    return _render_live(request, "labs/course_overview.html", context, status=status)
+    return _render_live(request, "labs/course_overview.html", context, at=at, status=status)
 
 
 @login_required

@@ -146,6 +146,9 @@ CHANNEL_LAYERS = {
     }
 }
 
+# Live pages (docs/live-updates.md): changes within this window are rendered and pushed once.
+LIVE_COALESCE_MS = env_int("LIVE_COALESCE_MS", 100)
+
 # Browser consoles (labs/consoles/tickets.py, labs/consumers.py).
 CONSOLE_TICKET_TTL = env_int("CONSOLE_TICKET_TTL", 30)  # seconds; at most 60
 CONSOLE_IDLE_TIMEOUT = env_int("CONSOLE_IDLE_TIMEOUT", 30 * 60)  # no input from the browser

@@ -65,6 +65,13 @@ def _sign_in_throttle_off(settings):
 
 
 @pytest.fixture(autouse=True)
+def _live_pushes_at_once(settings):
+    """The live regions are rendered and pushed at commit, in the test's thread (a server
+    or worker waits LIVE_COALESCE_MS and renders in a thread of its own)."""
+    settings.LIVE_COALESCE_MS = 0
+
+
+@pytest.fixture(autouse=True)
 def _private_channel_layer(settings):
     """Console revocations of this test only: Redis is shared with other runs and demos."""
     layers = copy.deepcopy(settings.CHANNEL_LAYERS)

@@ -303,10 +303,10 @@ def group_notice(*, course: Course, now: datetime | None = None) -> TermNotice |
     )
 
 
-def page_buttons(*, vms: list[Vm], user: AbstractBaseUser, course: Course) -> None:
+def page_buttons(*, vms: list[Vm], staff: bool, course: Course) -> None:
     """Take off the buttons the deadline denies a student: revert and reset after it,
-    delete on a final snapshot (``vm.final_locked``; the template reads it)."""
-    staff = access.is_course_staff(user=user, course=course.pk)
+    delete on a final snapshot (``vm.final_locked``; the template reads it). ``staff``:
+    the page is the course staff's (``access.is_course_staff``)."""
     locked = not staff and deadline_passed(course)
     for vm in vms:
         vm.final_locked = not staff

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -18,7 +19,9 @@ class EventsConsumer(AsyncWebsocketConsumer):
     """``/ws/events/``: the live events of one signed-in user's pages (docs/live-updates.md).
 
     Listens on the user's own channel, the channels of the groups they are a member of and
-    of the courses they staff (``events.channels_for``), and forwards each event's payload
+    of the courses they staff (``events.channels_for``) — with ``?group=<id>`` (a group
+    page's socket) of a group whose course they staff, also that page's staff rendering
+    (``events.staff_page_channel``) — and forwards each event's payload
     to the browser as one JSON text frame. Anonymous connections are refused before
     ``accept()``. The browser has nothing to say here: a frame over a few bytes closes the
     connection. When the user's access changes (``events.access_changed``), the
@@ -96,7 +99,15 @@ class EventsConsumer(AsyncWebsocketConsumer):
         if not session_signed_in(session_key=self._session_key(), user_id=self.user_id):
             return set()
         user = get_user_model().objects.filter(pk=self.user_id).first()
-        return events.channels_for(user=user) if user is not None else set()
+        if user is None:
+            return set()
+        return events.channels_for(user=user, page_group=self._page_group())
+
+    def _page_group(self) -> int | None:
+        """``?group=<id>``: the socket is a group page's (live.js says so)."""
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        value = (query.get("group") or [""])[0]
+        return int(value) if value.isdigit() else None
 
     async def receive(self, text_data=None, bytes_data=None) -> None:
         size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
@@ -116,6 +127,16 @@ class EventsConsumer(AsyncWebsocketConsumer):
             and events.course_channel(payload.get("course")) not in self.groups
         ):
             return
+        # A rendering for the course's staff only ever reaches a staff connection: of that
+        # group's page, or (the overview's) of the course.
+        if payload.get("audience") == events.STAFF:
+            wanted = (
+                events.staff_page_channel(payload.get("group"))
+                if payload.get("page") == "group"
+                else events.course_channel(payload.get("course"))
+            )
+            if wanted not in self.groups:
+                return
         await self.send(text_data=json.dumps(payload))
 
     async def events_access(self, event) -> None:

@@ -17,17 +17,26 @@ endpoints, hosts' URIs, worker names or anything of another group.
 Publishing never fails the caller: with Redis down, an operation still runs and a request
 still answers; the event is dropped with a warning, and every page refreshes itself when
 its websocket comes back.
+
+Each event also marks its group and course as changed. Within ``LIVE_COALESCE_MS`` the
+changes of the process are gathered and then rendered once per audience by the renderer
+that ``labs.apps`` registers (``labs.live.regions.render``: the group pages' members and
+staff renderings, the overview), and the HTML is pushed on the same channels
+(``regions_flush``). Only channels someone listens on are rendered for.
 """
 
 import asyncio
 import logging
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import connections, transaction
 
 from labs import access
 from labs.models import Group, Membership, Operation, Vm
@@ -49,6 +58,11 @@ def course_channel(course_id: int) -> str:
 
 def user_channel(user_id: int) -> str:
     return f"events.user.{user_id}"
+
+
+def staff_page_channel(group_id: int) -> str:
+    """The group page's staff rendering: the course's staff with that page open."""
+    return f"events.group.{group_id}.staff"
 
 
 # --- what services call ----------------------------------------------------------------------
@@ -91,11 +105,18 @@ def access_recheck(*, user_id: int, session_hash: str = "") -> None:
 # --- who listens where ---------------------------------------------------------------------------
 
 
-def channels_for(*, user: AbstractBaseUser) -> set[str]:
+def channels_for(*, user: AbstractBaseUser, page_group: int | None = None) -> set[str]:
     """The channel-layer groups one user's connections listen on: their own, the groups
-    they are a member of, and the courses they staff (every course for a superuser)."""
+    they are a member of, and the courses they staff (every course for a superuser); and
+    for a connection of a group's page (``page_group``) whose course they staff, that
+    page's staff rendering."""
     if not user.is_authenticated or not user.is_active:
         return set()
+    staff_page = set()
+    if page_group is not None:
+        group = Group.objects.filter(pk=page_group).only("course_id").first()
+        if group is not None and access.is_course_staff(user=user, course=group.course_id):
+            staff_page = {staff_page_channel(group.pk)}
     groups = Membership.objects.filter(user=user, group__isnull=False).values_list(
         "group_id", flat=True
     )
@@ -106,6 +127,7 @@ def channels_for(*, user: AbstractBaseUser) -> set[str]:
         user_channel(user.pk),
         *(group_channel(group_id) for group_id in groups),
         *(course_channel(course_id) for course_id in courses),
+        *staff_page,
     }
 
 
@@ -186,6 +208,183 @@ def _publish_payload(payload: dict[str, Any] | None) -> None:
     layer_publish(
         [(group_channel(payload["group"]), message), (course_channel(payload["course"]), message)]
     )
+    regions_changed(group_id=payload["group"], course_id=payload["course"])
+
+
+# --- pushing the rendered regions ---------------------------------------------------------------
+
+# The audiences of a group page: its members (on the group's channel) and the course's
+# staff who have it open (on ``staff_page_channel``).
+MEMBERS = "members"
+STAFF = "staff"
+
+# (groups={group_id: [audience, …]}, course_ids={…}) -> [(channel kind, id, payload)], the
+# kind "group", "staff-page" or "course"; labs.apps sets it.
+Renderer = Callable[..., list[tuple[str, int, dict[str, Any]]]]
+_renderer: Renderer | None = None
+
+
+def regions_renderer(render: Renderer | None) -> None:
+    """Who renders the regions of changed groups and courses (``labs.live.regions.render``,
+    registered by ``labs.apps``: it reads through services that publish here)."""
+    global _renderer
+    _renderer = render
+
+
+class _Changed:
+    """The groups and courses changed since the last push, in this process, and the one
+    flush at a time that pushes them (``timer``: one is waiting; ``flushing``: one runs)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.groups: dict[int, int] = {}  # group -> its course
+        self.courses: set[int] = set()
+        self.timer: threading.Timer | None = None
+        self.flushing = False
+
+    def take(self) -> tuple[dict[int, int], set[int]]:
+        with self.lock:
+            groups, courses = self.groups, self.courses
+            self.groups, self.courses, self.timer = {}, set(), None
+        return groups, courses
+
+    def schedule(self, window: float) -> None:
+        """Start the window's timer unless one waits or a flush runs (call with the lock)."""
+        if self.timer is None and not self.flushing and (self.groups or self.courses):
+            self.timer = threading.Timer(window, _flush_in_thread)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def idle(self) -> bool:
+        with self.lock:
+            return self.timer is None and not self.flushing and not (self.groups or self.courses)
+
+
+_changed = _Changed()
+
+
+def regions_changed(*, group_id: int | None, course_id: int) -> None:
+    """Render and push the regions of this group (its page) and course (the overview)
+    once the coalescing window has passed: a burst of changes renders each once. One
+    flush runs at a time; what changes meanwhile waits for the next (under load the
+    windows grow instead of the renderings piling up). With ``LIVE_COALESCE_MS`` 0 (the
+    tests) it renders now."""
+    if _renderer is None:
+        return
+    window = settings.LIVE_COALESCE_MS / 1000
+    with _changed.lock:
+        if group_id is not None:
+            _changed.groups[group_id] = course_id
+        _changed.courses.add(course_id)
+        if window > 0:
+            _changed.schedule(window)
+            return
+    regions_flush()
+
+
+def regions_idle() -> bool:
+    """Nothing waits to be pushed and no flush runs (bench/live.py waits for it)."""
+    return _changed.idle()
+
+
+def _flush_in_thread() -> None:
+    with _changed.lock:
+        _changed.flushing = True
+    try:
+        regions_flush()
+    finally:
+        connections.close_all()  # this thread's own connections
+        with _changed.lock:
+            _changed.flushing = False
+            _changed.schedule(settings.LIVE_COALESCE_MS / 1000)
+
+
+def regions_flush() -> int:
+    """Render what changed for the channels someone listens on and push it; the number
+    of pushes. Never raises: a page that misses a push catches up when it reconnects."""
+    groups, courses = _changed.take()
+    if _renderer is None or not (groups or courses):
+        return 0
+    heard = listened(
+        [group_channel(g) for g in groups]
+        + [staff_page_channel(g) for g in groups]
+        + [course_channel(c) for c in courses]
+    )
+    if heard is None:  # Redis is away: nothing could be pushed
+        return 0
+
+    def heard_on(channel: str) -> bool:
+        return heard.get(channel, True)
+
+    audiences = {
+        group_id: [
+            audience
+            for audience, channel in (
+                (MEMBERS, group_channel(group_id)),
+                (STAFF, staff_page_channel(group_id)),
+            )
+            if heard_on(channel)
+        ]
+        for group_id in groups
+    }
+    audiences = {group_id: wanted for group_id, wanted in audiences.items() if wanted}
+    overviews = {course_id for course_id in courses if heard_on(course_channel(course_id))}
+    if not (audiences or overviews):
+        return 0
+    try:
+        pushes = _renderer(groups=audiences, course_ids=overviews)
+    except Exception:
+        log.exception("live regions not rendered (groups %s, courses %s)", groups, courses)
+        return 0
+    channel_of = {
+        "group": group_channel,
+        "staff-page": staff_page_channel,
+        "course": course_channel,
+    }
+    messages = [
+        (channel_of[kind](target), {"type": EVENT_MESSAGE, "payload": payload})
+        for kind, target, payload in pushes
+    ]
+    layer_publish(messages)
+    return len(messages)
+
+
+def listened(channels: list[str]) -> dict[str, bool] | None:
+    """Whether any connection listens on each of these channel-layer groups (Redis
+    PUBSUB NUMSUB), so that no page is rendered for no one. Unknown (another layer): not
+    in the answer, which callers read as "maybe"; None when Redis does not answer."""
+    layer = get_channel_layer()
+    if layer is None or not channels or not hasattr(layer, "_get_layer"):
+        return {}
+    try:
+        return _sync_call(_numsub, layer, channels)
+    except Exception as error:
+        log.warning("live regions not pushed: Redis did not answer (%s)", type(error).__name__)
+        return None
+
+
+async def _numsub(layer, channels: list[str]) -> dict[str, bool]:
+    """channels_redis' pubsub layer keeps a group's subscribers on one shard's channel."""
+    inner = layer._get_layer()
+    heard = {}
+    async with asyncio.timeout(PUBLISH_TIMEOUT):
+        for name in channels:
+            redis_channel = inner._get_group_channel_name(name)
+            shard = inner._get_shard(redis_channel)
+            shard._ensure_redis()
+            ((_, count),) = await shard._redis.pubsub_numsub(redis_channel)
+            heard[name] = count > 0
+    return heard
+
+
+def _sync_call(function, *args):
+    """Run an async function of the layer from sync code (see ``layer_publish``)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return async_to_sync(function)(*args)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(async_to_sync(function), *args).result()
 
 
 def layer_publish(messages: list[tuple[str, dict[str, Any]]]) -> None:
@@ -199,19 +398,13 @@ def layer_publish(messages: list[tuple[str, dict[str, Any]]]) -> None:
     ``async_to_sync`` runs them on the server's loop and its one connection.
     """
     layer = get_channel_layer()
-    if layer is None:
+    if layer is None or not messages:
         return
     try:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            async_to_sync(_send)(layer, messages)
-        else:
-            # Sync code called straight from async code (no sync_to_async), e.g. a script
-            # or test that drives a browser: async_to_sync refuses a thread with a running
-            # loop, so publish from a short-lived thread.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pool.submit(async_to_sync(_send), layer, messages).result()
+        # Sync code called straight from async code (no sync_to_async), e.g. a script or
+        # test that drives a browser: async_to_sync refuses a thread with a running loop,
+        # so _sync_call publishes from a short-lived thread then.
+        _sync_call(_send, layer, messages)
     except Exception as error:  # Redis down or slow: the change itself still stands
         log.warning(
             "live event not published to %s (%s); pages catch up when they reconnect",

@@ -1,12 +1,15 @@
 // Live updates for server-rendered pages (docs/live-updates.md).
 //
 // A page opts in with an element carrying data-live-url (or <body data-live>) and marks
-// what may change with data-live-region="<unique key>". On every event for the page (and
-// after every (re)connect of the websocket, which covers whatever was missed meanwhile)
-// this script GETs the page again and swaps each region whose HTML changed, leaving alone
-// the regions where the user has focus in a text field or unsaved input. The events
-// themselves only say "something changed" (and feed the aria-live announcements): the
-// page's own HTML, rendered by Django with its access checks, is what is shown.
+// what may change with data-live-region="<unique key>". When something changes, the server
+// renders the changed regions once for everyone of the page's audience
+// (data-live-audience: the group's members, the course's staff; labs/live/regions.py) and
+// pushes their HTML on the events socket; this script swaps each region whose HTML
+// changed, leaving alone the regions where the user has focus in a text field or unsaved
+// input (they are applied once the user leaves the field). After every (re)connect it GETs
+// the page once, which covers whatever was missed meanwhile. The small events feed the
+// aria-live announcements. A page without pushed regions (no data-live-group or
+// data-live-course) GETs itself again on its events instead.
 //
 // No framework, no build step, no CDN; no inline script is needed.
 (() => {
@@ -21,14 +24,18 @@
     socket: root.dataset.liveSocket || "/ws/events/",
     group: root.dataset.liveGroup || "",
     course: root.dataset.liveCourse || "",
+    audience: root.dataset.liveAudience || "",
   };
+  // Which pushed renderings are this page's: "group" or "course" (the overview).
+  config.page = config.group ? "group" : config.course ? "course" : "";
   const COALESCE_MS = 120; // events closer than this make one refresh
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 5000;
   const FETCH_TIMEOUT_MS = 15000;
   const REGION = "[data-live-region]";
-  // Django masks the CSRF token differently on every render: not a change worth a swap.
-  const CSRF_VALUE = /(name="csrfmiddlewaretoken" value=)"[^"]*"/g;
+  // A fetched page's forms carry this viewer's CSRF token, a pushed rendering's none
+  // (confirm.js adds the token at submit time): not a change worth a swap.
+  const CSRF_INPUT = /<input type="hidden" name="csrfmiddlewaretoken" value="[^"]*">/g;
 
   const statusLine = document.querySelector("[data-live-status]") || makeStatusLine();
   const announcer = document.querySelector("[data-live-announce]") || makeAnnouncer();
@@ -40,6 +47,8 @@
   let fetching = false;
   let fetchAgain = false;
   let held = false; // a region was left alone because the user is typing in it
+  let renderedAt = Number(root.dataset.liveAt) || 0; // server time of what is shown
+  const waiting = new Map(); // region key -> pushed HTML held back by the user's input
   let leaving = false; // a form was submitted or the page is being hidden
   let stopped = false;
   const served = new Map(); // region key -> the server's HTML that the region shows
@@ -98,7 +107,10 @@
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
     let ws;
     try {
-      ws = new WebSocket(`${scheme}//${window.location.host}${config.socket}`);
+      // A group page says which: a staff member's socket then joins that page's staff
+      // rendering (the server decides who is staff).
+      const page = config.group ? `?group=${encodeURIComponent(config.group)}` : "";
+      ws = new WebSocket(`${scheme}//${window.location.host}${config.socket}${page}`);
     } catch (error) {
       reconnectLater();
       return;
@@ -153,16 +165,53 @@
       return;
     }
     if (!event || typeof event !== "object") return;
-    if (event.type !== "access" && !concernsThisPage(event)) return;
+    if (event.type === "regions") {
+      if (isThisPages(event)) applyPushed(event);
+      return;
+    }
+    if (event.type === "access") {
+      refreshSoon(); // what this user may see changed: fetch the page once
+      return;
+    }
+    if (!concernsThisPage(event)) return;
     announce(event);
     document.dispatchEvent(new CustomEvent("live:event", { detail: event }));
-    refreshSoon();
+    if (!config.page) refreshSoon(); // a page whose regions are not pushed
   }
 
   function concernsThisPage(event) {
     if (config.group && String(event.group) !== config.group) return false;
     if (config.course && String(event.course) !== config.course) return false;
     return true;
+  }
+
+  function isThisPages(push) {
+    if (!config.page || push.page !== config.page) return false;
+    if (push.audience !== config.audience) return false;
+    return concernsThisPage(push);
+  }
+
+  // --- pushed regions ---------------------------------------------------------------------
+
+  function applyPushed(push) {
+    if (stopped || leaving) return;
+    const at = Number(push.at) || 0;
+    if (at && at < renderedAt) return; // older than what is shown (a late delivery)
+    if (at) renderedAt = at;
+    for (const [key, markup] of Object.entries(push.regions || {})) waiting.set(key, markup);
+    applyWaiting();
+  }
+
+  function applyWaiting() {
+    held = false;
+    for (const [key, markup] of Array.from(waiting)) {
+      const current = regionIn(document, key);
+      const template = document.createElement("template");
+      template.innerHTML = markup;
+      const fresh = template.content.querySelector(REGION);
+      if (!current || !fresh || sync(current, fresh)) waiting.delete(key);
+    }
+    document.dispatchEvent(new CustomEvent("live:refreshed"));
   }
 
   // --- refreshing the regions -------------------------------------------------------------
@@ -198,9 +247,13 @@
         stop("gone", "This page is no longer available to you.");
         return;
       }
-      if (!response.ok) return; // a server error: the next event tries again
+      if (!response.ok) return; // a server error: the next (re)connect tries again
+      const at = Number(response.headers.get("X-Live-At")) || 0;
       const html = await response.text();
       if (stopped || leaving) return;
+      if (at && at < renderedAt) return; // a push newer than this page came meanwhile
+      if (at) renderedAt = at;
+      waiting.clear();
       apply(new DOMParser().parseFromString(html, "text/html"));
     } catch (error) {
       // Offline or timed out: the websocket's reconnection refreshes again.
@@ -231,7 +284,7 @@
   }
 
   function html(element) {
-    return element.outerHTML.replace(CSRF_VALUE, '$1""');
+    return element.outerHTML.replace(CSRF_INPUT, "");
   }
 
   function remember(element) {
@@ -250,8 +303,9 @@
     document.dispatchEvent(new CustomEvent("live:refreshed"));
   }
 
+  // Whether the region now shows ``fresh`` (false: held back, in part, by the user's input).
   function sync(current, fresh) {
-    if (served.get(current.dataset.liveRegion) === html(fresh)) return;
+    if (served.get(current.dataset.liveRegion) === html(fresh)) return true;
     if (holdsUserInput(current)) {
       // Leave the user's typing alone; update what is inside that is not in the way.
       held = true;
@@ -259,9 +313,10 @@
         const next = regionIn(fresh, inner.dataset.liveRegion);
         if (next) sync(inner, next);
       }
-      return;
+      return false;
     }
     replace(current, fresh);
+    return true;
   }
 
   function isTextEntry(element) {
@@ -343,7 +398,8 @@
   // --- the page's life --------------------------------------------------------------------
 
   document.addEventListener("focusout", () => {
-    if (held) refreshSoon(); // the user left the field: apply what waited
+    // The user left the field: apply what waited (after the focus has moved on).
+    if (held) window.setTimeout(() => (waiting.size ? applyWaiting() : refreshSoon()), 0);
   });
   document.addEventListener("submit", (event) => {
     if (event.defaultPrevented) return;

@@ -311,9 +311,10 @@ class EventsSocket(Socket):
             if message["type"] == "websocket.close":
                 return "closed", message["code"]
             event = json.loads(message["text"])
-            if event.get("type") == "operation":
+            if event.get("type") in ("operation", "regions"):
                 # The group's VMs being asked to update SSH access, as access ends: an
-                # event the member may still see (they were a member when it was sent).
+                # event (and its page's pushed regions) the member may still see (they
+                # were a member when it was sent).
                 continue
             assert event == {"type": "access"}, message
             return "refreshed", None

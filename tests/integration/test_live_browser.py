@@ -6,7 +6,8 @@ Carol is in another group. Bob's page is never reloaded (a marker set in its win
 survives the whole test), yet it follows the approval, the provisioning, Alice's snapshot
 from queued to succeeded, and, after the server restarts under it, catches up on a
 snapshot that finished while it was disconnected. Carol's socket, meanwhile, carries only
-her own group's events.
+her own group's events. Bob's page fetches itself only when its socket (re)opens: the
+changed regions are pushed to it, rendered once for the group.
 """
 
 import json
@@ -86,11 +87,22 @@ def test_a_teammates_page_follows_live_catches_up_after_a_restart_other_groups_h
             carol_sockets, carol_frames = [], []
 
             def on_socket(ws):
-                if ws.url.endswith("/ws/events/"):
+                if "/ws/events/" in ws.url:  # a group page says which: ?group=<id>
                     carol_sockets.append(ws)
                     ws.on("framereceived", lambda frame: carol_frames.append(frame))
 
             carols.on("websocket", on_socket)
+            # Bob's page fetches itself once per socket open, never for an event (the
+            # changed regions are pushed, rendered once for the group).
+            bobs_fetches = []
+            bobs.on(
+                "request",
+                lambda request: (
+                    bobs_fetches.append(request.url)
+                    if request.headers.get("x-live-refresh")
+                    else None
+                ),
+            )
             for page, group in ((alices, alpha), (bobs, alpha), (carols, charlie)):
                 page.goto(f"{asgi_server.url}/groups/{group.pk}/")
                 live(page)
@@ -142,6 +154,8 @@ def test_a_teammates_page_follows_live_catches_up_after_a_restart_other_groups_h
                 "window.__members === document.querySelector('[data-live-region=members]')"
             )
 
+            assert len(bobs_fetches) == 1, bobs_fetches  # the first open, nothing since
+
             # 3. Carol's socket was connected all along and carried her own group's news
             #    (Dave joins her group), and not one frame about Alpha.
             daves = Membership.objects.get(user=dave)
@@ -172,6 +186,7 @@ def test_a_teammates_page_follows_live_catches_up_after_a_restart_other_groups_h
             )
             assert bobs.evaluate("window.__noReload") == 1
             assert bobs_field.input_value() == "bobs-draft"
+            assert len(bobs_fetches) >= 2  # the catch-up after the restart
             ARTIFACTS.mkdir(exist_ok=True)
             bobs.screenshot(path=str(ARTIFACTS / "live-group-page.png"), full_page=True)
             browser.close()

@@ -56,8 +56,15 @@ class Page:
     def __init__(self, communicator: WebsocketCommunicator, connected: bool) -> None:
         self.communicator = communicator
         self.connected = connected
+        self.pushes: list[dict] = []
 
     async def next_event(self, timeout: float = 5) -> dict:
+        """The next event, past the pushed regions (``pushes`` keeps those)."""
+        while (event := await self.next_frame(timeout))["type"] == "regions":
+            self.pushes.append(event)
+        return event
+
+    async def next_frame(self, timeout: float = 5) -> dict:
         return json.loads(await self.communicator.receive_from(timeout=timeout))
 
     async def next_event_but_ssh_updates(self, timeout: float = 5) -> dict:
@@ -74,11 +81,11 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def events_socket(user=None, *, origin: bytes = ORIGIN):
+async def events_socket(user=None, *, origin: bytes = ORIGIN, path: str = "/ws/events/"):
     headers = [(b"origin", origin)]
     if user is not None:
         headers.append((b"cookie", f"sessionid={await session_of(user)}".encode()))
-    communicator = WebsocketCommunicator(application, "/ws/events/", headers=headers)
+    communicator = WebsocketCommunicator(application, path, headers=headers)
     connected, _ = await communicator.connect(timeout=5)
     try:
         yield Page(communicator, connected)
@@ -230,3 +237,53 @@ async def test_events_name_no_channel_group_a_browser_could_use(cast, alice):
             "type", "group", "course", "group_name", "vm", "vm_name", "operation", "kind",
             "kind_display", "status", "status_display", "progress", "error",
         }  # fmt: skip
+
+
+# --- the pushed regions ---------------------------------------------------------------------
+
+
+async def next_push(page: Page, timeout: float = 5) -> dict:
+    while (frame := await page.next_frame(timeout))["type"] != "regions":
+        continue
+    return frame
+
+
+async def test_each_change_pushes_the_members_rendering_to_the_group_and_never_the_staffs(
+    cast, alice, ines
+):
+    async with events_socket(alice) as alices, events_socket(ines) as instructors:
+        op = await snapshot(cast.vm_a, alice)
+        first = await next_push(alices)
+        await claim(op)
+        second = await next_push(alices)
+        assert [(p["page"], p["audience"], p["group"]) for p in (first, second)] == [
+            ("group", "members", cast.group_a.pk)
+        ] * 2
+        assert "queued" in first["regions"]["machines"]
+        assert "running" in second["regions"]["machines"]
+        assert second["at"] > first["at"]
+        staff = [await next_push(instructors) for _ in range(2)]
+        assert {(p["page"], p["audience"]) for p in staff} == {("course", "staff")}
+        assert all(p["audience"] == "members" for p in alices.pushes)
+
+
+async def test_the_staff_rendering_reaches_a_staff_members_group_page_and_no_students(
+    cast, alice, carol, ines
+):
+    page = f"/ws/events/?group={cast.group_a.pk}"
+    async with (
+        events_socket(ines, path=page) as instructors,
+        events_socket(alice, path=page) as alices,
+        events_socket(carol, path=page) as carols,  # another group's student, same query
+    ):
+        await snapshot(cast.vm_a, alice)
+        pushed = [await next_push(instructors) for _ in range(2)]
+        assert {(p["page"], p["audience"]) for p in pushed} == {
+            ("group", "staff"),
+            ("course", "staff"),
+        }
+        staff_group = next(p for p in pushed if p["page"] == "group")
+        assert "?mode=view" in staff_group["regions"]["machines"]
+        mine = await next_push(alices)
+        assert mine["audience"] == "members" and "?mode=view" not in mine["regions"]["machines"]
+        assert await carols.hears_nothing()

@@ -1,0 +1,148 @@
+"""The live regions of the group page and the course overview, rendered once per audience.
+
+When a group, a VM or an operation changes, ``labs.live.events`` asks this module for the
+regions that change may touch (after commit, coalesced: ``events.LIVE_COALESCE_SECONDS``)
+and pushes their HTML on the events socket; ``static/js/live.js`` swaps them in. One
+rendering serves everyone of an audience:
+
+- ``members``: the group page as the group's students see it (sent to ``events.group.<id>``),
+- ``staff``: the group page as the course's staff see it — Observe, the buttons the
+  deadline does not take away — (to ``events.group.<id>.staff``, which only a staff
+  member's socket of that page joins) and the overview (to ``events.course.<id>``).
+
+So nothing in a pushed region may belong to one viewer: its forms are rendered without a
+CSRF token (``static/js/confirm.js`` adds the page's own, from ``<meta name="csrf-token">``,
+when a form is sent), and what is the viewer's own (their hours) lives in a region that is
+never pushed (``hours``). The page's view renders the same partials with the same context
+(``group_context``), so a fetched page and a pushed region show the same HTML.
+
+``RENDERS`` counts the renderings of this process (bench/live.py reads it).
+"""
+
+import time
+import warnings
+from collections import Counter
+from typing import Any
+
+from django.template.loader import render_to_string
+
+from labs import selectors
+from labs.choices import GroupStatus
+from labs.compute import clock, idle, kinds, quotas, term
+from labs.forms import GroupEditForm, GroupKeyForm
+from labs.live.events import MEMBERS, STAFF
+from labs.models import Group
+
+# Region key -> its partial. The group page's "hours" is the viewer's own: never pushed.
+GROUP_REGIONS = {
+    "group-head": "labs/_group_head.html",
+    "machines": "labs/_group_machines.html",
+    "members": "labs/_group_members.html",
+    "project": "labs/_group_project.html",
+    "edit": "labs/_group_edit.html",
+}
+# The overview's Usage and Final snapshots change with the clock, not with an event.
+COURSE_REGIONS = {
+    "counts": "labs/_course_counts.html",
+    "groups": "labs/_course_groups.html",
+    "hosts": "labs/_course_hosts.html",
+    "operations": "labs/_course_operations.html",
+}
+
+# In a shared rendering {% csrf_token %} renders nothing: the context has no token (with
+# DEBUG on, Django would warn about that at every rendering; it is meant here).
+warnings.filterwarnings("ignore", message=r"A \{% csrf_token %\} was used in a template")
+
+RENDERS: Counter[str] = Counter()  # "group:members", "group:staff", "course:staff"
+
+
+def group_context(*, group: Group, staff: bool) -> dict[str, Any]:
+    """What the group page's shared regions show to one audience (the view adds the
+    viewer's own parts). ``group`` comes with its course, reviewer and members loaded
+    (``selectors.group_for_viewer`` / ``selectors.group_for_push``)."""
+    context: dict[str, Any] = {
+        "group": group,
+        "members": list(group.memberships.all()),
+        "audience": STAFF if staff else MEMBERS,
+        "can_observe": staff,  # access.Action.OBSERVE is granted to the staff roles
+    }
+    if group.status == GroupStatus.APPROVED:
+        vms = selectors.vms_of_group(group=group)
+        for vm in vms:  # the buttons each VM offers now, from the catalogue
+            vm.card_kinds = kinds.on_vm_card(vm)
+            vm.snapshot_kinds = kinds.on_snapshot_row(vm)
+            vm.takes_snapshots = kinds.takes_snapshots(vm)
+            vm.idle_warning, vm.kept_until = idle.warning_of(vm), idle.kept_until(vm)
+        term.page_buttons(vms=vms, staff=staff, course=group.course)
+        quota = quotas.group_quota(group=group)
+        usage = quotas.group_usage(group=group, vms=vms)
+        context.update(
+            vms=vms,
+            operations=selectors.operations_of_group(group=group),
+            outlook=clock.course_outlook(course=group.course),
+            term_notice=term.group_notice(course=group.course),
+            quota=quota,
+            usage=usage,
+            left={key: max(quota[key] - usage[key], 0) for key in quota},
+        )
+    if not staff:  # the group's students edit it here; the staff in the admin
+        if group.is_editable:
+            context["edit_form"] = GroupEditForm(
+                initial={"project_title": group.project_title, "project_idea": group.project_idea}
+            )
+        context["key_form"] = GroupKeyForm()  # an approved group's new key takes effect at once
+    return context
+
+
+def _render(templates: dict[str, str], context: dict[str, Any]) -> dict[str, str]:
+    context = {**context, "csrf_token": ""}
+    return {key: render_to_string(name, context) for key, name in templates.items()}
+
+
+def group_regions(*, group: Group, staff: bool) -> dict[str, str]:
+    """The group page's pushed regions, as one audience sees them: key -> HTML."""
+    RENDERS[f"group:{STAFF if staff else MEMBERS}"] += 1
+    return _render(GROUP_REGIONS, group_context(group=group, staff=staff))
+
+
+def course_regions(*, course) -> dict[str, str]:
+    """The overview's pushed regions (the course's staff): key -> HTML."""
+    RENDERS["course:staff"] += 1
+    context = {"course": course, "overview": selectors.course_overview(course=course)}
+    return _render(COURSE_REGIONS, context)
+
+
+def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[str, int, dict]]:
+    """The pushes for a batch of changes: ("group" | "staff-page" | "course", id, payload)
+    each — every group's page for the audiences asked (``MEMBERS``, ``STAFF``), the
+    overview of every course asked (``events.regions_flush`` turns them into
+    channel-layer messages)."""
+    pushes: list[tuple[str, int, dict]] = []
+    for group_id in sorted(groups):
+        at = time.time()  # what the renderings show was read after this
+        group = selectors.group_for_push(group_id=group_id)
+        if group is None:  # deleted meanwhile: the pages learn it when they fetch
+            continue
+        for staff in [audience == STAFF for audience in groups[group_id]]:
+            payload = {
+                "type": "regions",
+                "page": "group",
+                "group": group.pk,
+                "course": group.course_id,
+                "audience": STAFF if staff else MEMBERS,
+                "at": at,
+                "regions": group_regions(group=group, staff=staff),
+            }
+            pushes.append(("staff-page" if staff else "group", group.pk, payload))
+    for course in selectors.courses_for_push(course_ids=course_ids):
+        at = time.time()
+        payload = {
+            "type": "regions",
+            "page": "course",
+            "course": course.pk,
+            "audience": STAFF,
+            "at": at,
+            "regions": course_regions(course=course),
+        }
+        pushes.append(("course", course.pk, payload))
+    return pushes

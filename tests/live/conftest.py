@@ -1,0 +1,3 @@
+"""The Redis listener of tests/live/test_events.py for the other tests here."""
+
+from tests.live.test_events import listen  # noqa: F401
