@@ -279,11 +279,17 @@ def report(
         if done.returncode == 0:
             ready[port] = time.monotonic() - started
 
+    said = 0
     with ThreadPoolExecutor(max_workers=4) as pool:
         while len(ready) < len(vms):
             if time.monotonic() - started > SSH_TIMEOUT:
                 raise SystemExit(f"{len(vms) - len(ready)} VMs without SSH after {SSH_TIMEOUT} s")
             list(pool.map(ping, [p for p in vms if p not in ready]))
+            # A quarter at a time, so that a run cut short still tells how far it got.
+            while said < 3 and len(ready) >= len(vms) * (said + 1) / 4:
+                said += 1
+                latest = max(ready.values())
+                print(f"    {len(ready)} of {len(vms)} answer SSH {latest:.0f} s {when}")
             time.sleep(1)
     times = sorted(ready.values())
     print(
