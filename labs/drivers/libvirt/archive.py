@@ -28,6 +28,7 @@ from contextlib import suppress
 import libvirt
 
 from labs.drivers.base import HypervisorError, VmSpec
+from labs.drivers.libvirt.storage import volume_from_file
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,4 @@ def disk_import(
 ) -> libvirt.virStorageVol:
     """A new volume ``spec.overlay_name`` in ``pool`` holding the bytes of ``source``
     (a checked standalone qcow2), streamed through libvirt."""
-    size = os.path.getsize(source)
-    volume = pool.createXML(volume_xml, 0)
-    stream = conn.newStream(0)
-    try:
-        volume.upload(stream, 0, size, 0)
-        with open(source, "rb") as f:
-            while chunk := f.read(CHUNK):
-                stream.send(chunk)
-        stream.finish()
-    except BaseException:
-        with suppress(libvirt.libvirtError):
-            stream.abort()
-        with suppress(libvirt.libvirtError):
-            volume.delete(0)
-        raise
-    return volume
+    return volume_from_file(conn, pool, volume_xml, source)

@@ -25,6 +25,7 @@ from contextlib import contextmanager, suppress
 import libvirt
 
 from labs.drivers.base import HypervisorError, HypervisorUnavailable
+from labs.drivers.libvirt.storage import volume_from_file
 from labs.drivers.libvirt.xml import parse, sub, volume_xml
 
 log = logging.getLogger(__name__)
@@ -58,24 +59,9 @@ def frozen(dom: libvirt.virDomain, *, timings: dict[str, float]):
 
 def put(conn: libvirt.virConnect, pool: libvirt.virStoragePool, source: str, name: str):
     """A new volume ``name`` in ``pool`` holding the bytes of the local file ``source``."""
-    size = os.path.getsize(source)
-    xml = parse(volume_xml(name, capacity=size, fmt="raw"))
+    xml = parse(volume_xml(name, capacity=os.path.getsize(source), fmt="raw"))
     sub(sub(xml.find("target"), "permissions"), "mode", "0444")  # a base is read-only
-    volume = pool.createXML(ET.tostring(xml, encoding="unicode"), 0)
-    stream = conn.newStream(0)
-    try:
-        volume.upload(stream, 0, size, 0)
-        with open(source, "rb") as f:
-            while chunk := f.read(CHUNK):
-                stream.send(chunk)
-        stream.finish()
-    except BaseException:
-        with suppress(libvirt.libvirtError):
-            stream.abort()
-        with suppress(libvirt.libvirtError):
-            volume.delete(0)
-        raise
-    return volume
+    return volume_from_file(conn, pool, ET.tostring(xml, encoding="unicode"), source)
 
 
 def digest(conn: libvirt.virConnect, volume: libvirt.virStorageVol) -> str:
