@@ -11,7 +11,9 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError, connection
 from django.http import Http404, HttpResponse, JsonResponse
+from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -30,7 +32,8 @@ from labs.forms import (
     GroupKeyForm,
     GroupSignupForm,
 )
-from labs.live import regions
+from labs.live import pagecache, regions
+from labs.live.events import MEMBERS, STAFF
 from labs.people import groups as group_services
 from labs.people.tokens import account_tokens
 from labs.throttle import Throttled, client_address, throttle_hit
@@ -91,16 +94,33 @@ def group_signup(request, slug: str):
 @login_required
 def group_detail(request, group_id: int):
     at = time.time()  # live.js: a push rendered before this is older than the page
+    early = pagecache.group_versions(group_id)  # before the group: see pagecache
     group = selectors.group_for_viewer(user=request.user, group_id=group_id)
     # The shared regions as this viewer's audience sees them (labs/live/regions.py pushes
-    # the same), then the viewer's own part: their hours.
-    # The selector let the viewer in: a student member of the group, or else course staff
-    # (a student of the course is in one group at most, staff in none).
+    # the same; kept in the page cache until a change touches them), then the viewer's
+    # own part: their hours. The selector let the viewer in: a student member of the
+    # group, or else course staff (a student of the course is in one group at most, staff
+    # in none).
     members = group.memberships.all()
     staff = request.user.is_superuser or not any(m.user_id == request.user.pk for m in members)
-    context = regions.group_context(group=group, staff=staff)
+    token = get_token(request)
+    shared = regions.group_parts(group=group, staff=staff, early=early)
+    context = {
+        "group": group,
+        "audience": STAFF if staff else MEMBERS,
+        "region": {
+            key.replace("-", "_"): pagecache.for_page(html, token) for key, html in shared.items()
+        },
+    }
     if group.status == GroupStatus.APPROVED:
-        context["hours"] = usage_hours.group_hours(group=group, user=request.user)
+        context["hours"] = pagecache.cached(
+            None if early is None else f"hours:{group.pk}:{request.user.pk}:{early}",
+            min(pagecache.HOURS_SECONDS, pagecache.seconds() * 2),
+            lambda: render_to_string(
+                "labs/_group_hours.html",
+                {"hours": usage_hours.group_hours(group=group, user=request.user)},
+            ).strip(),
+        )
     return _render_live(request, "labs/group_detail.html", context, at=at)
 
 
@@ -353,13 +373,52 @@ def healthz(request):
 
 
 def _overview_page(request, course, form: BulkActionForm, status: int = 200):
+    """The overview: its regions (the same renderings the publisher pushes), the bulk
+    form, the final snapshots and the usage, each from the page cache while nothing
+    touched them (labs/live/pagecache.py); a form sent back with its errors is this
+    viewer's own and rendered for this page only."""
     at = time.time()
-    overview = selectors.course_overview(course=course)
+    token = get_token(request)
+    seconds = pagecache.seconds()
+    parts = dict(regions.course_parts(course=course))
+    if form.is_bound:
+        parts["bulk"] = _overview_bulk(course, form, token=token)
+    else:
+        parts["bulk"] = pagecache.cached(
+            pagecache.course_key(course, "bulk"),
+            seconds,
+            lambda: _overview_bulk(course, BulkActionForm(), token=None),
+        )
+    parts["final"] = pagecache.cached(
+        pagecache.course_key(course, "final"),
+        seconds,
+        lambda: render_to_string(
+            "labs/_course_final.html",
+            {"course": course, "final_snapshots": term.final_snapshots(course)},
+        ),
+    )
+    parts["usage"] = pagecache.cached(  # hours grow with the clock: kept a minute at most
+        pagecache.course_key(course, "usage"),
+        min(pagecache.HOURS_SECONDS, seconds * 2),
+        lambda: render_to_string(
+            "labs/_course_usage.html",
+            {"course": course, "usage": usage_hours.course_report(course=course)},
+        ),
+    )
     context = {
         "course": course,
-        "final_snapshots": term.final_snapshots(course),
-        "overview": overview,
-        "usage": usage_hours.course_report(course=course),
+        "part": {key: pagecache.for_page(html, token) for key, html in parts.items()},
+    }
+    return _render_live(request, "labs/course_overview.html", context, at=at, status=status)
+
+
+def _overview_bulk(course, form: BulkActionForm, *, token: str | None) -> str:
+    """The bulk form's section: with this viewer's token and choices (a form sent back),
+    or unbound with the token's slot, the same for every staff member."""
+    groups = selectors.groups_of_course(course=course, status=GroupStatus.APPROVED)
+    context = {
+        "course": course,
+        "approved_groups": list(groups),
         "form": form,
         "kinds": form.fields["kind"].choices,
         "scopes": BulkActionForm.SCOPES,
@@ -369,8 +428,9 @@ def _overview_page(request, course, form: BulkActionForm, status: int = 200):
             "groups": form.selected if form.is_bound else set(),
             "confirm_reset": bool(form["confirm_reset"].value()),
         },
+        **(pagecache.slot_context() if token is None else {"csrf_token": token}),
     }
-    return _render_live(request, "labs/course_overview.html", context, at=at, status=status)
+    return render_to_string("labs/_course_bulk.html", context)
 
 
 @login_required

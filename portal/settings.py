@@ -149,6 +149,21 @@ CHANNEL_LAYERS = {
 # Live pages (docs/live-updates.md): changes within this window are rendered and pushed once.
 LIVE_COALESCE_MS = env_int("LIVE_COALESCE_MS", 100)
 
+# Rendered page parts between the changes that touch them (labs/live/pagecache.py): in
+# Redis, so that a worker's change reaches every web process. What changes with the clock
+# alone is at most PAGE_CACHE_SECONDS old; 0 renders every page from the database.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": env_str("CACHE_URL", REDIS_URL),
+        "TIMEOUT": 300,
+        # A Redis that does not answer must not hold a page up: it renders uncached.
+        "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+    }
+}
+PAGE_CACHE_SECONDS = env_int("PAGE_CACHE_SECONDS", 30)
+PAGE_CACHE_PREFIX = env_str("PAGE_CACHE_PREFIX", "stratus:pages:")
+
 # Browser consoles (labs/consoles/tickets.py, labs/consumers.py).
 CONSOLE_TICKET_TTL = env_int("CONSOLE_TICKET_TTL", 30)  # seconds; at most 60
 CONSOLE_IDLE_TIMEOUT = env_int("CONSOLE_IDLE_TIMEOUT", 30 * 60)  # no input from the browser

@@ -10,6 +10,7 @@
 
 import copy
 import itertools
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -46,6 +47,23 @@ def _close_the_async_tests_connection(django_db_setup):
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
+
+
+# The page cache's keys of this run (Redis is shared with other runs), in this process and
+# in the servers and workers the integration tests start (they inherit the environment).
+PAGE_CACHE_PREFIX = os.environ.setdefault(
+    "PAGE_CACHE_PREFIX", f"stratus-test-pages-{uuid.uuid4().hex}:"
+)
+
+
+@pytest.fixture(autouse=True)
+def _empty_page_cache(monkeypatch):
+    """Each test starts with nothing cached (ids and, under time-machine, timestamps
+    repeat from one test to the next)."""
+    from labs.live import pagecache
+
+    monkeypatch.setattr(pagecache, "PREFIX", PAGE_CACHE_PREFIX)
+    pagecache.forget()
 
 
 @pytest.fixture(autouse=True)

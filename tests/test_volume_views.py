@@ -163,7 +163,8 @@ def test_a_stopped_vm_offers_volumes_too_and_one_suspended_to_disk_does_not(
     vm_a, _ = vms
     url = reverse("labs:group_detail", args=[group_a.pk])
     for state, offered in ((ObservedState.SHUTOFF, True), (ObservedState.SAVED, False)):
-        vm_a.__class__.objects.filter(pk=vm_a.pk).update(observed_state=state)
+        vm_a.observed_state = state
+        vm_a.save(update_fields=["observed_state"])
         text = client_for(alice).get(url).content.decode()
         assert (reverse("labs:vm_volume_add", args=[vm_a.pk]) in text) is offered
 

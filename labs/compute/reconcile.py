@@ -30,7 +30,7 @@ from labs.compute.records import (
 )
 from labs.drivers.base import HypervisorError
 from labs.drivers.registry import driver_for
-from labs.live import events
+from labs.live import events, pagecache
 from labs.models import Host, Operation, Vm
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,15 @@ def host_reconcile(*, host: Host) -> ReconcileReport:
             if vm.observed_state != ObservedState.UNKNOWN:
                 state_history(vm, ObservedState.UNKNOWN, now)
                 events.vm_changed(vm=vm)
+        if host.unreachable_since is None:  # the pages' Hosts say so from now on
+            pagecache.bump("all")
         log.warning("reconcile: host %s did not answer: %s", host.name, error)
         return report
     Host.objects.filter(pk=host.pk).update(
         last_seen_at=timezone.now(), last_error="", unreachable_since=None
     )
+    if host.unreachable_since is not None or host.last_error:
+        pagecache.bump("all")  # back
     busy = set(
         Operation.objects.filter(vm__in=vms, status__in=ACTIVE_OPERATION_STATUSES).values_list(
             "vm_id", flat=True

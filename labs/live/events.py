@@ -39,6 +39,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import connections, transaction
 
 from labs import access
+from labs.live import pagecache
 from labs.models import Group, Membership, Operation, Vm
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def _publish_payload(payload: dict[str, Any] | None) -> None:
     if payload is None:  # the row is gone (deleted in the admin): nothing to show
         return
     message = {"type": EVENT_MESSAGE, "payload": payload}
+    pagecache.group_changed(group_id=payload["group"], course_id=payload["course"])
     layer_publish(
         [(group_channel(payload["group"]), message), (course_channel(payload["course"]), message)]
     )

@@ -10,17 +10,18 @@ rendering serves everyone of an audience:
   deadline does not take away — (to ``events.group.<id>.staff``, which only a staff
   member's socket of that page joins) and the overview (to ``events.course.<id>``).
 
-So nothing in a pushed region may belong to one viewer: its forms are rendered without a
-CSRF token (``static/js/confirm.js`` adds the page's own, from ``<meta name="csrf-token">``,
-when a form is sent), and what is the viewer's own (their hours) lives in a region that is
-never pushed (``hours``). The page's view renders the same partials with the same context
-(``group_context``), so a fetched page and a pushed region show the same HTML.
+So nothing in a pushed region may belong to one viewer: its forms are rendered with a
+slot for the CSRF token (``labs.live.pagecache.slot``) that a push leaves empty
+(``static/js/confirm.js`` adds the page's own, from ``<meta name="csrf-token">``, when a
+form is sent) and a page fills with its viewer's, and what is the viewer's own (their
+hours) lives in a region that is never pushed (``hours``). A fetched page shows the same
+renderings: they are kept in the page cache (``labs.live.pagecache``) until a change
+touches them, so a page fetch after a push reads what the push rendered.
 
 ``RENDERS`` counts the renderings of this process (bench/live.py reads it).
 """
 
 import time
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -30,6 +31,7 @@ from labs import selectors
 from labs.choices import GroupStatus
 from labs.compute import clock, idle, kinds, quotas, term
 from labs.forms import GroupEditForm, GroupKeyForm
+from labs.live import pagecache
 from labs.live.events import MEMBERS, STAFF
 from labs.models import Group
 
@@ -48,10 +50,6 @@ COURSE_REGIONS = {
     "hosts": "labs/_course_hosts.html",
     "operations": "labs/_course_operations.html",
 }
-
-# In a shared rendering {% csrf_token %} renders nothing: the context has no token (with
-# DEBUG on, Django would warn about that at every rendering; it is meant here).
-warnings.filterwarnings("ignore", message=r"A \{% csrf_token %\} was used in a template")
 
 RENDERS: Counter[str] = Counter()  # "group:members", "group:staff", "course:staff"
 
@@ -95,21 +93,50 @@ def group_context(*, group: Group, staff: bool) -> dict[str, Any]:
 
 
 def _render(templates: dict[str, str], context: dict[str, Any]) -> dict[str, str]:
-    context = {**context, "csrf_token": ""}
+    context = {**context, **pagecache.slot_context()}
     return {key: render_to_string(name, context) for key, name in templates.items()}
 
 
 def group_regions(*, group: Group, staff: bool) -> dict[str, str]:
-    """The group page's pushed regions, as one audience sees them: key -> HTML."""
+    """The group page's shared regions, as one audience sees them and a push sends them
+    (no token in their forms): key -> HTML, rendered now."""
+    return _pushed(_group_render(group=group, staff=staff))
+
+
+def group_parts(*, group: Group, staff: bool, early: str | None) -> dict[str, str]:
+    """The same regions with the token's slot, from the page cache while nothing touched
+    them (``early``: ``pagecache.group_versions``, read before ``group`` was)."""
+    audience = STAFF if staff else MEMBERS
+    key = pagecache.group_key(group, audience, early=early)
+    return pagecache.cached(
+        key, pagecache.seconds(), lambda: _group_render(group=group, staff=staff)
+    )
+
+
+def _group_render(*, group: Group, staff: bool) -> dict[str, str]:
     RENDERS[f"group:{STAFF if staff else MEMBERS}"] += 1
     return _render(GROUP_REGIONS, group_context(group=group, staff=staff))
 
 
 def course_regions(*, course) -> dict[str, str]:
-    """The overview's pushed regions (the course's staff): key -> HTML."""
+    """The overview's regions as a push sends them (the course's staff), rendered now."""
+    return _pushed(_course_render(course=course))
+
+
+def course_parts(*, course) -> dict[str, str]:
+    """The same with the token's slot, from the page cache while nothing touched them."""
+    key = pagecache.course_key(course, "regions")
+    return pagecache.cached(key, pagecache.seconds(), lambda: _course_render(course=course))
+
+
+def _course_render(*, course) -> dict[str, str]:
     RENDERS["course:staff"] += 1
     context = {"course": course, "overview": selectors.course_overview(course=course)}
     return _render(COURSE_REGIONS, context)
+
+
+def _pushed(regions: dict[str, str]) -> dict[str, str]:
+    return {key: pagecache.for_push(html) for key, html in regions.items()}
 
 
 def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[str, int, dict]]:
@@ -120,6 +147,7 @@ def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[
     pushes: list[tuple[str, int, dict]] = []
     for group_id in sorted(groups):
         at = time.time()  # what the renderings show was read after this
+        early = pagecache.group_versions(group_id)
         group = selectors.group_for_push(group_id=group_id)
         if group is None:  # deleted meanwhile: the pages learn it when they fetch
             continue
@@ -131,7 +159,7 @@ def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[
                 "course": group.course_id,
                 "audience": STAFF if staff else MEMBERS,
                 "at": at,
-                "regions": group_regions(group=group, staff=staff),
+                "regions": _pushed(group_parts(group=group, staff=staff, early=early)),
             }
             pushes.append(("staff-page" if staff else "group", group.pk, payload))
     for course in selectors.courses_for_push(course_ids=course_ids):
@@ -142,7 +170,7 @@ def render(*, groups: dict[int, list[str]], course_ids: set[int]) -> list[tuple[
             "course": course.pk,
             "audience": STAFF,
             "at": at,
-            "regions": course_regions(course=course),
+            "regions": _pushed(course_parts(course=course)),
         }
         pushes.append(("course", course.pk, payload))
     return pushes
