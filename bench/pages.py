@@ -43,6 +43,8 @@ def _setup_django(db_env: dict[str, str]) -> None:
     os.environ["SECRET_KEY"] = secrets.token_urlsafe(50)
     os.environ["EMAIL_BACKEND"] = "django.core.mail.backends.locmem.EmailBackend"
     os.environ.setdefault("LOG_LEVEL", "WARNING")
+    # This run's page cache (labs/live/pagecache.py), apart from any other site's.
+    os.environ["PAGE_CACHE_PREFIX"] = f"stratus-bench-{secrets.token_hex(4)}:"
     sys.path.insert(0, str(ROOT))
     import django
 

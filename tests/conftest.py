@@ -22,18 +22,26 @@ from labs.choices import GroupStatus, ObservedState, Role
 from labs.models import Course, Group, Host, Image, Membership, Vm
 from labs.people.groups import group_register
 
+# Whole folders whose subject is not the database: the libvirt driver (test:///default,
+# qemu-img, the seed files) and the browser (pages and scripts). The PostgreSQL pass keeps
+# to what may differ by database.
+NOT_ABOUT_THE_DATABASE = ("drivers", "e2e")
+
 
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the suite on SQLite, then on PostgreSQL: tests marked
     ``sqlite_pass_only`` (slow ones whose subject is not the database, such as killing
-    Redis or a worker under a real guest) run in the first pass only."""
+    Redis or a worker under a real guest) and the folders of ``NOT_ABOUT_THE_DATABASE``
+    run in the first pass only."""
     from django.conf import settings
 
     if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
         return
     skip = pytest.mark.skip(reason="does not depend on the database: run in the SQLite pass")
+    here = Path(__file__).parent
+    folders = {here / name for name in NOT_ABOUT_THE_DATABASE}
     for item in items:
-        if item.get_closest_marker("sqlite_pass_only"):
+        if item.get_closest_marker("sqlite_pass_only") or folders & set(item.path.parents):
             item.add_marker(skip)
 
 
