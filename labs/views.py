@@ -104,16 +104,9 @@ def group_detail(request, group_id: int):
     members = group.memberships.all()
     staff = request.user.is_superuser or not any(m.user_id == request.user.pk for m in members)
     token = get_token(request)
-    shared = regions.group_parts(group=group, staff=staff, early=early)
-    context = {
-        "group": group,
-        "audience": STAFF if staff else MEMBERS,
-        "region": {
-            key.replace("-", "_"): pagecache.for_page(html, token) for key, html in shared.items()
-        },
-    }
+    parts = {"shared": regions.group_entry(group=group, staff=staff, early=early)}
     if group.status == GroupStatus.APPROVED:
-        context["hours"] = pagecache.cached(
+        parts["hours"] = (
             None if early is None else f"hours:{group.pk}:{request.user.pk}:{early}",
             min(pagecache.HOURS_SECONDS, pagecache.seconds() * 2),
             lambda: render_to_string(
@@ -121,6 +114,16 @@ def group_detail(request, group_id: int):
                 {"hours": usage_hours.group_hours(group=group, user=request.user)},
             ).strip(),
         )
+    found = pagecache.cached_many(parts)  # one round trip for both
+    context = {
+        "group": group,
+        "audience": STAFF if staff else MEMBERS,
+        "region": {
+            key.replace("-", "_"): pagecache.for_page(html, token)
+            for key, html in found["shared"].items()
+        },
+        "hours": found.get("hours"),
+    }
     return _render_live(request, "labs/group_detail.html", context, at=at)
 
 
@@ -380,31 +383,40 @@ def _overview_page(request, course, form: BulkActionForm, status: int = 200):
     at = time.time()
     token = get_token(request)
     seconds = pagecache.seconds()
-    parts = dict(regions.course_parts(course=course))
-    if form.is_bound:
-        parts["bulk"] = _overview_bulk(course, form, token=token)
-    else:
-        parts["bulk"] = pagecache.cached(
-            pagecache.course_key(course, "bulk"),
+    names = pagecache.course_versions(course)  # once, for every part's key
+
+    def key(part: str) -> str | None:
+        return pagecache.course_key(course, part, names=names)
+
+    entries = {
+        "regions": regions.course_entry(course=course, names=names),
+        "final": (
+            key("final"),
+            seconds,
+            lambda: render_to_string(
+                "labs/_course_final.html",
+                {"course": course, "final_snapshots": term.final_snapshots(course)},
+            ),
+        ),
+        "usage": (  # hours grow with the clock: kept a minute at most
+            key("usage"),
+            min(pagecache.HOURS_SECONDS, seconds * 2),
+            lambda: render_to_string(
+                "labs/_course_usage.html",
+                {"course": course, "usage": usage_hours.course_report(course=course)},
+            ),
+        ),
+    }
+    if not form.is_bound:  # a form sent back with its errors is this viewer's own
+        entries["bulk"] = (
+            key("bulk"),
             seconds,
             lambda: _overview_bulk(course, BulkActionForm(), token=None),
         )
-    parts["final"] = pagecache.cached(
-        pagecache.course_key(course, "final"),
-        seconds,
-        lambda: render_to_string(
-            "labs/_course_final.html",
-            {"course": course, "final_snapshots": term.final_snapshots(course)},
-        ),
-    )
-    parts["usage"] = pagecache.cached(  # hours grow with the clock: kept a minute at most
-        pagecache.course_key(course, "usage"),
-        min(pagecache.HOURS_SECONDS, seconds * 2),
-        lambda: render_to_string(
-            "labs/_course_usage.html",
-            {"course": course, "usage": usage_hours.course_report(course=course)},
-        ),
-    )
+    found = pagecache.cached_many(entries)  # one round trip for all
+    parts = {**found.pop("regions"), **found}
+    if form.is_bound:
+        parts["bulk"] = _overview_bulk(course, form, token=token)
     context = {
         "course": course,
         "part": {key: pagecache.for_page(html, token) for key, html in parts.items()},

@@ -150,6 +150,21 @@ def cached(key: str | None, seconds: int, render: Callable[[], Any]) -> Any:
     return part
 
 
+def cached_many(parts: dict[str, tuple[str | None, int, Callable[[], Any]]]) -> dict[str, Any]:
+    """Several parts in one round trip: name -> (key, seconds, render), as ``cached``."""
+    keys = {name: f"{PREFIX}p:{key}" for name, (key, ttl, _) in parts.items() if key and ttl > 0}
+    hits = _call(cache.get_many, list(keys.values())) if keys else {}
+    found = {}
+    for name, (_, ttl, render) in parts.items():
+        hit = (hits or {}).get(keys[name]) if name in keys else None
+        if hit is None:
+            hit = render()
+            if name in keys:
+                _call(cache.set, keys[name], hit, ttl)
+        found[name] = hit
+    return found
+
+
 def group_versions(group_id: int) -> str | None:
     """Read before the group is: a change that commits after this read has bumped a
     version this key does not carry."""
@@ -166,8 +181,13 @@ def group_key(group, audience: str, *, early: str | None) -> str | None:
     return f"group:{group.pk}:{group.updated_at.timestamp()}:{audience}:{early}:{course}"
 
 
-def course_key(course, part: str) -> str | None:
-    names = versions(f"o{course.pk}", f"c{course.pk}", "all")
+def course_versions(course) -> str | None:
+    """What the overview's keys carry (read once per page)."""
+    return versions(f"o{course.pk}", f"c{course.pk}", "all")
+
+
+def course_key(course, part: str, *, names: str | None) -> str | None:
+    """The key of one part of the overview (``names``: ``course_versions``)."""
     if names is None:
         return None
     return f"course:{course.pk}:{course.created_at.timestamp()}:{part}:{names}"

@@ -106,11 +106,14 @@ def group_regions(*, group: Group, staff: bool) -> dict[str, str]:
 def group_parts(*, group: Group, staff: bool, early: str | None) -> dict[str, str]:
     """The same regions with the token's slot, from the page cache while nothing touched
     them (``early``: ``pagecache.group_versions``, read before ``group`` was)."""
+    return pagecache.cached(*group_entry(group=group, staff=staff, early=early))
+
+
+def group_entry(*, group: Group, staff: bool, early: str | None):
+    """(key, seconds, render) of ``group_parts``, for ``pagecache.cached_many``."""
     audience = STAFF if staff else MEMBERS
     key = pagecache.group_key(group, audience, early=early)
-    return pagecache.cached(
-        key, pagecache.seconds(), lambda: _group_render(group=group, staff=staff)
-    )
+    return key, pagecache.seconds(), lambda: _group_render(group=group, staff=staff)
 
 
 def _group_render(*, group: Group, staff: bool) -> dict[str, str]:
@@ -125,8 +128,13 @@ def course_regions(*, course) -> dict[str, str]:
 
 def course_parts(*, course) -> dict[str, str]:
     """The same with the token's slot, from the page cache while nothing touched them."""
-    key = pagecache.course_key(course, "regions")
-    return pagecache.cached(key, pagecache.seconds(), lambda: _course_render(course=course))
+    return pagecache.cached(*course_entry(course=course, names=pagecache.course_versions(course)))
+
+
+def course_entry(*, course, names: str | None):
+    """(key, seconds, render) of ``course_parts``, for ``pagecache.cached_many``."""
+    key = pagecache.course_key(course, "regions", names=names)
+    return key, pagecache.seconds(), lambda: _course_render(course=course)
 
 
 def _course_render(*, course) -> dict[str, str]:
