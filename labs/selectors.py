@@ -49,6 +49,21 @@ def group_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:
     return group
 
 
+def group_head_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:
+    """What the group page needs before its cached parts, if the user may view the group
+    (a member, course staff); else 404: the row's own columns, nothing joined. The parts
+    that must be rendered read the whole group then (``group_for_push``)."""
+    group = (
+        access.restrict(Group.objects.all(), user=user, action=Action.VIEW)
+        .filter(pk=group_id)
+        .only("pk", "name", "course_id", "status", "updated_at")
+        .first()
+    )
+    if group is None:
+        raise Http404("No such group.")
+    return group
+
+
 def group_for_push(*, group_id: int) -> Group | None:
     """One group with its members, for the live renderer (``labs.live.regions``), or None.
 

@@ -2,6 +2,7 @@
 selector or ``labs.access``), calls one service and maps its refusal once
 (``say_refusal``, ``form_refusal``)."""
 
+import functools
 import time
 
 from django.conf import settings
@@ -95,23 +96,30 @@ def group_signup(request, slug: str):
 def group_detail(request, group_id: int):
     at = time.time()  # live.js: a push rendered before this is older than the page
     early = pagecache.group_versions(group_id)  # before the group: see pagecache
-    group = selectors.group_for_viewer(user=request.user, group_id=group_id)
+    group = selectors.group_head_for_viewer(user=request.user, group_id=group_id)
     # The shared regions as this viewer's audience sees them (labs/live/regions.py pushes
     # the same; kept in the page cache until a change touches them), then the viewer's
     # own part: their hours. The selector let the viewer in: a student member of the
     # group, or else course staff (a student of the course is in one group at most, staff
-    # in none).
-    members = group.memberships.all()
-    staff = request.user.is_superuser or not any(m.user_id == request.user.pk for m in members)
+    # in none). A part that must be rendered reads the whole group first.
+    staff = request.user.is_superuser or not access.is_member(user=request.user, group=group)
     token = get_token(request)
-    parts = {"shared": regions.group_entry(group=group, staff=staff, early=early)}
+
+    @functools.cache
+    def whole():
+        loaded = selectors.group_for_push(group_id=group.pk)
+        if loaded is None:  # deleted since the head was read
+            raise Http404("No such group.")
+        return loaded
+
+    parts = {"shared": regions.group_entry(group=group, staff=staff, early=early, load=whole)}
     if group.status == GroupStatus.APPROVED:
         parts["hours"] = (
             None if early is None else f"hours:{group.pk}:{request.user.pk}:{early}",
             min(pagecache.HOURS_SECONDS, pagecache.seconds() * 2),
             lambda: render_to_string(
                 "labs/_group_hours.html",
-                {"hours": usage_hours.group_hours(group=group, user=request.user)},
+                {"hours": usage_hours.group_hours(group=whole(), user=request.user)},
             ).strip(),
         )
     found = pagecache.cached_many(parts)  # one round trip for both

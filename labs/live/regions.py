@@ -109,11 +109,17 @@ def group_parts(*, group: Group, staff: bool, early: str | None) -> dict[str, st
     return pagecache.cached(*group_entry(group=group, staff=staff, early=early))
 
 
-def group_entry(*, group: Group, staff: bool, early: str | None):
-    """(key, seconds, render) of ``group_parts``, for ``pagecache.cached_many``."""
+def group_entry(*, group: Group, staff: bool, early: str | None, load=None):
+    """(key, seconds, render) of ``group_parts``, for ``pagecache.cached_many``. ``load``
+    gives the group with what the rendering reads (``selectors.group_for_push``) when
+    ``group`` is only its row's head (``selectors.group_head_for_viewer``)."""
     audience = STAFF if staff else MEMBERS
     key = pagecache.group_key(group, audience, early=early)
-    return key, pagecache.seconds(), lambda: _group_render(group=group, staff=staff)
+
+    def render() -> dict[str, str]:
+        return _group_render(group=load() if load else group, staff=staff)
+
+    return key, pagecache.seconds(), render
 
 
 def _group_render(*, group: Group, staff: bool) -> dict[str, str]:
