@@ -149,3 +149,64 @@ def test_a_domain_without_qemus_command_line_publishes_nothing(host, make_spec):
     host.hv.provision(spec, seed_iso=seed())
     with pytest.raises(HypervisorError, match="no user-mode network"):
         host.hv.ports_apply(spec.name, ssh_port=spec.ssh_port, ports=(WEB,))
+
+
+class Domain:
+    """A domain as the rewrite before a revert or after a managed save sees it."""
+
+    def __init__(self, definition: str, saved: str = ""):
+        self.definition, self.saved, self.redefined, self.saved_as = definition, saved, [], None
+
+    def XMLDesc(self, flags):  # noqa: N802 - libvirt's name
+        return self.definition
+
+    def name(self):
+        return "stratus-vm-1"
+
+    def snapshotCreateXML(self, xml, flags):  # noqa: N802
+        self.redefined.append((xml, flags))
+
+    def managedSaveExtraXMLDesc(self, flags):  # noqa: N802
+        return self.saved
+
+    def managedSaveDefineXML(self, xml, flags):  # noqa: N802
+        self.saved_as = xml
+
+
+class Snap:
+    def __init__(self, xml: str, current: bool):
+        self.xml, self.current = xml, current
+
+    def getXMLDesc(self, flags):  # noqa: N802
+        return self.xml
+
+    def isCurrent(self, flags):  # noqa: N802
+        return self.current
+
+    def getName(self):  # noqa: N802
+        return "s1"
+
+
+def test_a_revert_first_gives_the_snapshot_the_forwards_of_now(host, make_spec):
+    import libvirt
+
+    now = build_domain_xml(make_spec(ports=(APP,)), overlay_path="/o", seed_path="/s")
+    then = build_domain_xml(make_spec(ports=(WEB,)), overlay_path="/o", seed_path="/s")
+    dom = Domain(now)
+    host.hv.snapshot_forwards_match(dom, Snap(f"<domainsnapshot>{then}</domainsnapshot>", True))
+    [(xml, flags)] = dom.redefined
+    assert libvirt_ports.forwards_of(xml) == {22001: 22, 23000: 8080}
+    assert flags == (
+        libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+    )
+    dom.redefined.clear()
+    host.hv.snapshot_forwards_match(dom, Snap(f"<domainsnapshot>{now}</domainsnapshot>", False))
+    assert dom.redefined == []  # the same forwards: left alone
+
+
+def test_a_managed_save_image_gets_the_forwards_published_while_it_ran(host, make_spec):
+    now = build_domain_xml(make_spec(ports=(APP,)), overlay_path="/o", seed_path="/s")
+    started_with = build_domain_xml(make_spec(), overlay_path="/o", seed_path="/s")
+    dom = Domain(now, saved=started_with)
+    host.hv.saved_forwards_match(dom)
+    assert libvirt_ports.forwards_of(dom.saved_as) == {22001: 22, 23000: 8080}
