@@ -51,9 +51,12 @@ class Command(BaseCommand):
 
     def handle(self, *args, name, uri, ssh_ports, storage_dir, **options):
         low, high = _port_range(ssh_ports)
+        known = Host.objects.filter(name=name).first()
         if options["published_ports"]:
             published = _port_range(options["published_ports"], "--published-ports", "23000-23999")
-        else:
+        elif known is not None:  # an update keeps the host's range (its ports stay valid)
+            published = (known.published_port_min, known.published_port_max)
+        else:  # the 1000 ports after the SSH range (or before it, near the top)
             published = (high + 1, high + 1000) if high + 1000 <= 65535 else (low - 1000, low - 1)
         fields = {
             "vcpus": options["vcpus"],
