@@ -276,3 +276,12 @@ def test_a_move_gives_the_ports_ports_of_the_destination(vm, alice, ines, monkey
     assert asked == {"source": (PortSpec(23000, 80),), "target": (PortSpec(31000, 80),)}
     pub.refresh_from_db()
     assert (pub.host, pub.host_port) == (there, 31000)
+
+
+def test_publishing_counts_against_the_groups_rate_like_every_operation(vm, alice, settings):
+    settings.OPERATIONS_PER_GROUP_PER_MINUTE = 1
+    pub = publish(vm, alice)
+    finish_all()
+    with pytest.raises(Refused, match="Your group asked for 1 operations in the last minute"):
+        ports.port_unpublish_request(publication=pub, by=alice)
+    assert Publication.objects.get().state == PortState.OPENING  # nothing half-done
