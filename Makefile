@@ -99,6 +99,7 @@ second-host: $(VENV)/.run-deps migrate
 	  { [[ $${#console[@]} -eq 3 ]] || { echo "no console sshd: see var/hv2-sshd.log" >&2; false; }; } && \
 	  CONSOLE_SSH_KEY=$(HV2_CONSOLE_KEY) $(PY) manage.py register_host local2 --uri "$$uri" \
 	    --virt-type qemu --storage-dir /var/lib/stratus/vms2 --ssh-ports 22100-22199 \
+	    --published-ports 24000-24099 \
 	    --console-ssh "$${console[0]}" --console-ssh-host-key "$${console[1]}" && \
 	  $(VENV)/bin/celery -A portal worker --loglevel INFO --concurrency 1 \
 	    -Q host.local2 -n local2@%h

@@ -85,6 +85,8 @@ def seed(*, hosts: int, vms_per_host: int, group_size: int) -> int:
             disk_gib=room * 2,  # disk_overcommit 2
             ssh_port_min=22000,
             ssh_port_max=22000 + max(999, 2 * room),
+            published_port_min=22000 + max(999, 2 * room) + 1,
+            published_port_max=22000 + max(999, 2 * room) + 1000,
         )
         for n in range(hosts)
     )

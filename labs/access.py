@@ -38,6 +38,7 @@ from labs.models import (
     Group,
     Membership,
     Operation,
+    Publication,
     Snapshot,
     Vm,
     VmTemplate,
@@ -77,6 +78,7 @@ MEMBER_ACTIONS = frozenset({Action.VIEW, Action.OPERATE})
 _GROUP_PATH = {Group: "pk", Vm: "group", Operation: "vm__group", Snapshot: "vm__group"}
 _GROUP_PATH[ConsoleSession] = "vm__group"
 _GROUP_PATH[Volume] = "group"
+_GROUP_PATH[Publication] = "vm__group"
 _COURSE_PATH = {
     Course: "pk",
     Group: "course",
@@ -87,6 +89,7 @@ _COURSE_PATH = {
     Snapshot: "vm__group__course",
     ConsoleSession: "vm__group__course",
     Volume: "group__course",
+    Publication: "vm__group__course",
 }
 
 
@@ -185,7 +188,7 @@ def _group_of(obj: Model) -> Group | None:
         return obj
     if isinstance(obj, Vm | Volume):
         return obj.group
-    if isinstance(obj, Operation | Snapshot | ConsoleSession):
+    if isinstance(obj, Operation | Snapshot | ConsoleSession | Publication):
         return obj.vm.group
     raise TypeError(f"no access rule for {type(obj).__name__}")
 

@@ -132,6 +132,7 @@ class CourseAdmin(CourseScopedAdmin):
         ),
         ("Usage hours", ["hours_quota", "hours_per_student", "hours_exclude_class"]),
         ("Deadline and end of term", ["deadline_at", "term_ends_at", "term_warning_days"]),
+        ("Published ports", ["published_ports_per_group", "forbidden_guest_ports"]),
     ]
     instructor_fields = [f for _, fields in instructor_fieldsets for f in fields]
 

@@ -84,6 +84,8 @@ class OperationKind(models.TextChoices):
     VOLUME_ATTACH = "volume_attach", "Attach volume"
     VOLUME_DETACH = "volume_detach", "Detach volume"
     VOLUME_DELETE = "volume_delete", "Delete volume"
+    PORT_PUBLISH = "port_publish", "Publish port"
+    PORT_UNPUBLISH = "port_unpublish", "Unpublish port"
 
     CAPTURE = "capture", "Capture as an image"
 
@@ -94,6 +96,15 @@ class VolumeState(models.TextChoices):
     CREATING = "creating", "Being created"
     READY = "ready", "Ready"
     DELETING = "deleting", "Being deleted"
+
+
+class PortState(models.TextChoices):
+    """Where a published port is (Publication.state): asked for, forwarded, or going.
+    Whether it answers is the VM's business too: nothing listens while it is not running."""
+
+    OPENING = "opening", "Opening"
+    PUBLISHED = "published", "Published"
+    CLOSING = "closing", "Closing"
 
 
 class OperationStatus(models.TextChoices):

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from labs import reports, views, views_volumes
+from labs import reports, views, views_ports, views_volumes
 
 app_name = "labs"
 
@@ -26,5 +26,11 @@ urlpatterns = [
     ),
     path("volumes/<int:volume_id>/detach/", views_volumes.volume_detach, name="volume_detach"),
     path("volumes/<int:volume_id>/delete/", views_volumes.volume_delete, name="volume_delete"),
+    path("vms/<int:vm_id>/ports/publish/", views_ports.vm_port_publish, name="vm_port_publish"),
+    path(
+        "ports/<int:publication_id>/unpublish/",
+        views_ports.port_unpublish,
+        name="port_unpublish",
+    ),
     path("vms/<int:vm_id>/<slug:kind>/", views.vm_operation, name="vm_operation"),
 ]

@@ -39,6 +39,21 @@ def time_zone_name(value: str) -> None:
         ) from None
 
 
+def guest_port_list(value: str) -> None:
+    """Comma-separated TCP ports, 1-65535 each ("25, 111"); empty is an empty list."""
+    bad = [
+        item.strip()
+        for item in value.split(",")
+        if item.strip() and not (item.strip().isdigit() and 1 <= int(item.strip()) <= 65535)
+    ]
+    if bad:
+        raise ValidationError(
+            "“%(value)s” is not a port: list ports 1-65535 separated by commas (25, 111).",
+            code="port_list",
+            params={"value": bad[0][:20]},
+        )
+
+
 # The libvirt URIs Stratus drives a host through (docs/deploy.md, *The Host row*). libvirt
 # would accept many more, and some run programs on the worker: the ext transport runs
 # ?command=, and ssh's ?command=/?netcat=/?socket= choose what runs at either end. The

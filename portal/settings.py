@@ -269,6 +269,13 @@ VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
 GUEST_AGENT_TIMEOUT = env_int("GUEST_AGENT_TIMEOUT", 120)
 # How long a running guest may take to let a detached block volume go (seconds).
 VOLUME_DETACH_TIMEOUT = env_int("VOLUME_DETACH_TIMEOUT", 30)
+# Published ports (labs/compute/ports.py, docs/networking.md): a new course's defaults for
+# how many guest ports a group may publish at once and which guest ports never are (22 is
+# always refused: SSH is forwarded already).
+PUBLISHED_PORTS_PER_GROUP = env_int("PUBLISHED_PORTS_PER_GROUP", 3)
+PUBLISHED_PORTS_FORBIDDEN = [
+    int(port) for port in env_list("PUBLISHED_PORTS_FORBIDDEN", ["22", "25"]) if port.isdigit()
+]
 # Operations one group's members may ask for in a minute (course staff are not counted).
 OPERATIONS_PER_GROUP_PER_MINUTE = env_int("OPERATIONS_PER_GROUP_PER_MINUTE", 20)
 # libvirt domains are named PREFIX<vm id>; the tests use their own prefix so they never

@@ -151,6 +151,8 @@ def host_form(uri: str) -> dict[str, str]:
         "ssh_address": "127.0.0.1",
         "ssh_port_min": "22000",
         "ssh_port_max": "22999",
+        "published_port_min": "23000",
+        "published_port_max": "23999",
         "storage_dir": "/var/lib/stratus/vms",
     }
 

@@ -24,6 +24,8 @@ def course_form(course, *, sessions=(), **fields) -> dict:
         "idle_cpu_percent": "5",
         "hours_exclude_class": "on",
         "term_warning_days": "7",
+        "published_ports_per_group": "3",
+        "forbidden_guest_ports": "22,25",
         "class_sessions-TOTAL_FORMS": str(len(sessions)),
         "class_sessions-INITIAL_FORMS": "0",
         "class_holidays-TOTAL_FORMS": "1",

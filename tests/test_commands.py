@@ -387,6 +387,19 @@ def test_register_host_checks_the_host_then_saves_it(tmp_path):
     host = Host.objects.get(name="hv9")
     assert (host.ssh_port_min, host.ssh_port_max, host.memory_mib) == (23000, 23099, 4096)
     assert "its worker serves host.hv9" in out
+    # Published ports: the 1000 after the SSH range unless asked; an update keeps them.
+    assert (host.published_port_min, host.published_port_max) == (23100, 24099)
+    run(
+        "register_host", "hv9", "--uri", "test:///default", "--storage-dir", str(tmp_path),
+        "--ssh-ports", "23000-23049",
+    )  # fmt: skip
+    host.refresh_from_db()
+    assert (host.ssh_port_max, host.published_port_min) == (23049, 23100)
+    with pytest.raises(CommandError, match="Published ports are a range .* apart from the SSH"):
+        run(
+            "register_host", "hv9", "--uri", "test:///default", "--storage-dir", str(tmp_path),
+            "--ssh-ports", "23000-23049", "--published-ports", "23040-23060",
+        )  # fmt: skip
 
 
 @pytest.mark.django_db

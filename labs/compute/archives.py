@@ -23,7 +23,7 @@ from labs.compute import executors, placement, ssh_access
 from labs.compute.records import driver_of, operation_progress, vm_consoles_close, vm_observe
 from labs.drivers.qcow2 import ImageRefused, file_sha256, standalone_check
 from labs.errors import Refused
-from labs.models import Host, Operation, Snapshot, Vm, VmArchive
+from labs.models import Host, Operation, Publication, Snapshot, Vm, VmArchive
 
 log = logging.getLogger(__name__)
 S = ObservedState
@@ -140,6 +140,7 @@ def vm_archive(op: Operation) -> None:
     driver.delete(spec)
     Snapshot.objects.filter(vm=vm).delete()
     executors.volumes_release(vm)  # its block volumes stay on the host, detached
+    Publication.objects.filter(vm=vm).delete()  # a restored VM publishes nothing at first
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
     vm_observe(vm, S.DELETED, "")
 

@@ -7,11 +7,12 @@ state through ``labs.compute.records``.
 """
 
 import uuid
+from contextlib import suppress
 
 from django.conf import settings
 from django.utils import timezone
 
-from labs.choices import DesiredState, NetworkMode, ObservedState, VolumeState
+from labs.choices import DesiredState, NetworkMode, ObservedState, PortState, VolumeState
 from labs.compute import ssh_access
 from labs.compute.image_copies import image_for_reset
 from labs.compute.records import (
@@ -24,16 +25,17 @@ from labs.compute.records import (
     vm_observe,
 )
 from labs.drivers import cloudinit
-from labs.drivers.base import VmSpec, VolumeSpec
+from labs.drivers.base import HypervisorError, HypervisorUnavailable, PortSpec, VmSpec, VolumeSpec
 from labs.drivers.registry import driver_for
 from labs.errors import Refused
 from labs.live import events
-from labs.models import Operation, Snapshot, Vm, Volume
+from labs.models import Operation, Publication, Snapshot, Vm, Volume
 
 
 def vm_spec(vm: Vm) -> VmSpec:
     """Everything the driver needs to build the VM, from its rows."""
     host = vm.host
+    user_mode = host.network_mode == NetworkMode.USER
     return VmSpec(
         name=vm.domain_name,
         uuid=str(vm.uuid),
@@ -46,10 +48,25 @@ def vm_spec(vm: Vm) -> VmSpec:
         storage_dir=host.storage_dir,
         virt_type=driver_of(vm).resolve_virt_type(host.virt_type),
         network=host.network_mode,
-        ssh_port=vm.ssh_port if host.network_mode == NetworkMode.USER else None,
+        ssh_port=vm.ssh_port if user_mode else None,
         bridge=host.bridge,
         metadata={"vm": str(vm.pk), "group": str(vm.group_id), "course": vm.group.course.slug},
         volumes=tuple(volume_spec(v) for v in vm.volumes.order_by("pk")),
+        ports=port_specs(vm) if user_mode else (),
+    )
+
+
+def port_specs(vm: Vm, *, without: int | None = None) -> tuple[PortSpec, ...]:
+    """The ports the VM's domain forwards beside SSH's: its publications but those being
+    unpublished (and ``without``, the one going now)."""
+    rows = Publication.objects.filter(vm=vm).exclude(state=PortState.CLOSING)
+    if without is not None:
+        rows = rows.exclude(pk=without)
+    return tuple(
+        PortSpec(host_port=host_port, guest_port=guest_port)
+        for host_port, guest_port in rows.order_by("host_port").values_list(
+            "host_port", "guest_port"
+        )
     )
 
 
@@ -268,6 +285,7 @@ def delete(op: Operation) -> None:
     driver_of(vm).delete(vm_spec(vm))
     Snapshot.objects.filter(vm=vm).delete()
     volumes_release(vm)
+    Publication.objects.filter(vm=vm).delete()  # its host ports are free again
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
     vm_observe(vm, ObservedState.DELETED, "")
 
@@ -347,4 +365,49 @@ def volume_delete(op: Operation) -> None:
     )
     _timings(op, delete_s=deleted)
     volume.delete()
+    events.vm_changed(vm=op.vm)
+
+
+# --- published ports (labs/compute/ports.py asks for these) ----------------------------------
+
+
+def _ports_apply(vm: Vm, *, without: int | None = None) -> float:
+    return driver_of(vm).ports_apply(
+        vm.domain_name, ssh_port=vm.ssh_port, ports=port_specs(vm, without=without)
+    )
+
+
+def port_publish(op: Operation) -> None:
+    """The VM's domain forwards the new port too: in its definition (every later start)
+    and, when it runs, in its QEMU at once. A host that refuses the port (something else
+    listens there) leaves the VM as it was and the publication gone, its port free."""
+    pub = Publication.objects.filter(pk=op.params["publication"]).first()
+    if pub is None:
+        return  # unpublished meanwhile
+    operation_progress(op)(f"publishing guest port {pub.guest_port} on port {pub.host_port}")
+    try:
+        seconds = _ports_apply(op.vm)
+    except HypervisorUnavailable:
+        raise  # tried again
+    except HypervisorError:
+        pub.delete()
+        with suppress(HypervisorError):
+            _ports_apply(op.vm)  # whatever half was done, undone
+        events.vm_changed(vm=op.vm)
+        raise
+    Publication.objects.filter(pk=pub.pk).update(state=PortState.PUBLISHED)
+    _timings(op, publish_s=seconds)
+    events.vm_changed(vm=op.vm)
+
+
+def port_unpublish(op: Operation) -> None:
+    """The forward goes from the definition and the running QEMU; the row, and its host
+    port, with it."""
+    pub = Publication.objects.filter(pk=op.params["publication"]).first()
+    if pub is None:
+        return  # a retry after the row went: done
+    operation_progress(op)(f"closing guest port {pub.guest_port} (port {pub.host_port})")
+    seconds = _ports_apply(op.vm, without=pub.pk)
+    pub.delete()
+    _timings(op, unpublish_s=seconds)
     events.vm_changed(vm=op.vm)

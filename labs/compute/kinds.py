@@ -197,6 +197,22 @@ CATALOGUE: dict[str, Kind] = {
             destroys=True,
             confirm="Delete this volume and everything on it? This cannot be undone.",
         ),
+        # Published ports (labs/compute/ports.py asks for them, with the publication in the
+        # parameters; the VM card's port forms post there). A running VM gets the forward
+        # at once, a stopped one at its next start; never one suspended to disk, whose
+        # saved QEMU would come back with the forwards of its saving.
+        Kind(
+            OperationKind.PORT_PUBLISH,
+            executors.port_publish,
+            accepts=frozenset({S.RUNNING, S.SHUTOFF}),
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
+            OperationKind.PORT_UNPUBLISH,
+            executors.port_unpublish,
+            accepts=frozenset({S.RUNNING, S.PAUSED, S.SHUTOFF, S.CRASHED}),
+            audience=Audience.SYSTEM,
+        ),
         Kind(
             # A course image from the VM's disk (labs/compute/images.py): asked for by the
             # course's instructors in the admin or manage.py capture_vm, never on a group's

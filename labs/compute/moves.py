@@ -8,9 +8,10 @@ SSH line and takes it off its host for a while.
 
 The executor is safe to run again at any point (a worker killed midway, a host that did
 not answer): the destination is recorded in the Operation's parameters with the SSH port
-taken there, the destination's copy is made whole first (or removed), then the VM's row
-names the destination, and only then is the source's copy removed. A retry that finds
-the row already moved only removes what is left on the source.
+(and one for each published port) taken there, the destination's copy is made whole
+first (or removed), then the VM's row names the destination, and only then is the
+source's copy removed. A retry that finds the row already moved only removes what is
+left on the source.
 """
 
 import logging
@@ -21,7 +22,7 @@ from django.db import transaction
 
 from labs import access
 from labs.access import Action
-from labs.choices import HostState, ObservedState, OperationKind
+from labs.choices import HostState, ObservedState, OperationKind, PortState
 from labs.compute import dispatch, placement, ssh_access
 from labs.compute.records import (
     NO_CONSOLE,
@@ -29,11 +30,11 @@ from labs.compute.records import (
     vm_console_record,
     vm_observe,
 )
-from labs.drivers.base import DomainMissing
+from labs.drivers.base import DomainMissing, PortSpec
 from labs.drivers.registry import driver_for
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.live import events
-from labs.models import Host, Operation, Vm, Volume
+from labs.models import Host, Operation, Publication, Vm, Volume
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,15 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
         if port is None:
             raise Refused(f"Host {host.name} has no free SSH port.")
         params = {"host": host.pk, "from": vm.host_id, "ssh_port": port, "live": live}
+        # Its published ports get ports of the destination's range (publication -> port).
+        published = list(Publication.objects.filter(vm=vm).order_by("pk"))
+        if published:
+            free = placement.published_ports_free(host, count=len(published))
+            if len(free) < len(published):
+                raise Refused(
+                    f"Host {host.name} has no free ports for {vm.name}'s published ports."
+                )
+            params["ports"] = {str(p.pk): free[i] for i, p in enumerate(published)}
         return dispatch.operation_create(vm=vm, kind=OperationKind.MOVE, by=by, params=params)
 
 
@@ -96,10 +106,12 @@ def move(op: Operation) -> None:
     source = vm_spec(vm)  # after a retry past the switch: only its name, uuid and storage
     if on_source:
         vm.host = target_host
+        moved_ports = {int(k): int(v) for k, v in (op.params.get("ports") or {}).items()}
         target = replace(
             vm_spec(vm),
             ssh_port=int(op.params["ssh_port"]),
             virt_type=dst.resolve_virt_type(target_host.virt_type),
+            ports=_ports_there(vm, moved_ports),
         )
         if live and _arrived(src, dst, source, target):
             log.info("%s already runs on %s: finishing its move", vm.domain_name, target_host)
@@ -116,6 +128,10 @@ def move(op: Operation) -> None:
             host=target_host, ssh_port=target.ssh_port, **NO_CONSOLE
         )
         Volume.objects.filter(vm=vm).update(host=target_host)  # copied beside the overlay
+        for publication_id, port in moved_ports.items():  # forwarded there from the start
+            Publication.objects.filter(pk=publication_id, vm=vm).update(
+                host=target_host, host_port=port
+            )
         log.info("%s moved from %s to %s", vm.domain_name, source_host.name, target_host.name)
         if live:  # at once: the consoles that followed the move are knocking already
             vm_console_record(vm, dst)
@@ -133,6 +149,18 @@ def move(op: Operation) -> None:
     else:
         vm_observe(vm, ObservedState.SHUTOFF, moved)
     events.vm_changed(vm=vm)
+
+
+def _ports_there(vm: Vm, moved: dict[int, int]) -> tuple[PortSpec, ...]:
+    """The VM's published ports as the destination forwards them: each on the port the
+    move's request took there (one published since has none: it is refused, as any
+    operation is while the move runs, so there is none)."""
+    rows = Publication.objects.filter(vm=vm).exclude(state=PortState.CLOSING)
+    return tuple(
+        PortSpec(host_port=moved[p.pk], guest_port=p.guest_port)
+        for p in rows.order_by("pk")
+        if p.pk in moved
+    )
 
 
 def _arrived(src, dst, source, target) -> bool:

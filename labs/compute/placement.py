@@ -24,7 +24,7 @@ from labs.choices import (
     PlacementPolicy,
 )
 from labs.compute.image_copies import holds_image, hosts_holding
-from labs.models import Course, Host, Image, Operation, Vm
+from labs.models import Course, Host, Image, Operation, Publication, Vm
 
 RESOURCES = ("vcpus", "memory_mib", "disk_gib")
 
@@ -132,6 +132,26 @@ def _free_ssh_port(host: Host, taken: set[int]) -> int | None:
         if port not in taken:
             return port
     return None
+
+
+def published_ports_free(host: Host, *, count: int = 1) -> list[int]:
+    """Up to ``count`` ports of ``host``'s published range that no publication there holds
+    and no move to it has taken (labs.compute.moves records them in its parameters), the
+    lowest first. The database's ``publication_port_unique_per_host`` decides a race."""
+    taken = set(Publication.objects.filter(host=host).values_list("host_port", flat=True))
+    moving = Operation.objects.filter(
+        kind=OperationKind.MOVE, status__in=ACTIVE_OPERATION_STATUSES
+    ).values_list("params", flat=True)
+    for params in moving:
+        if params.get("host") == host.pk:
+            taken.update((params.get("ports") or {}).values())
+    free = []
+    for port in range(host.published_port_min, host.published_port_max + 1):
+        if port not in taken:
+            free.append(port)
+            if len(free) == count:
+                break
+    return free
 
 
 def _listed(items: list[str], *, most: int = 4) -> str:

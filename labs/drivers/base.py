@@ -90,6 +90,21 @@ class VolumeSpec:
 
 
 @dataclass(frozen=True)
+class PortSpec:
+    """A published port: TCP ``host_port`` on the host's loopback forwarded to the guest's
+    ``guest_port`` (user-mode networking: one more slirp hostfwd beside SSH's)."""
+
+    host_port: int
+    guest_port: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.host_port, int) and 1024 <= self.host_port <= 65535):
+            raise HypervisorError(f"invalid published port {self.host_port!r}: 1024-65535")
+        if not (isinstance(self.guest_port, int) and 1 <= self.guest_port <= 65535):
+            raise HypervisorError(f"invalid guest port {self.guest_port!r}: 1-65535")
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """Everything the hypervisor needs to build one VM. Validated on construction."""
 
@@ -111,6 +126,9 @@ class VmSpec:
     # Block volumes attached to it, in the order of their targets (vdb, vdc, ...): a
     # domain defined from the spec (provision, reset, a cold move) has them attached.
     volumes: tuple[VolumeSpec, ...] = ()
+    # Published ports (user mode): forwarded beside SSH by every domain defined from the
+    # spec (provision, reset, restore, a move's destination).
+    ports: tuple[PortSpec, ...] = ()
 
     def __post_init__(self) -> None:
         problems = _spec_problems(self)
@@ -166,6 +184,24 @@ def _spec_problems(spec: VmSpec) -> list[str]:
         problems.append("volumes must be VolumeSpecs with serials of their own")
     if len(spec.volumes) > MAX_VOLUMES:
         problems.append(f"at most {MAX_VOLUMES} volumes")
+    problems.extend(_port_problems(spec))
+    return problems
+
+
+def _port_problems(spec: VmSpec) -> list[str]:
+    if not spec.ports:
+        return []
+    if spec.network != "user":
+        return ["published ports need user-mode networking"]
+    if not all(isinstance(p, PortSpec) for p in spec.ports):
+        return ["ports must be PortSpecs"]
+    problems = []
+    host_ports = [p.host_port for p in spec.ports]
+    if len(set(host_ports)) != len(host_ports) or spec.ssh_port in host_ports:
+        problems.append("each published port needs a host port of its own (not SSH's)")
+    guest_ports = [p.guest_port for p in spec.ports]
+    if len(set(guest_ports)) != len(guest_ports):
+        problems.append("a guest port is published once")
     return problems
 
 
@@ -320,6 +356,13 @@ class Driver(Protocol):
     ) -> dict[str, float]: ...
     def image_put(self, source: str, path: str) -> None: ...
     def image_digest(self, path: str) -> str | None: ...
+
+    # published ports (user mode): the domain ``name`` forwards exactly SSH's ``ssh_port``
+    # and ``ports``, in its definition (so every later start has them) and, when it runs,
+    # in its QEMU at once (added and removed live). Idempotent; returns seconds.
+    def ports_apply(
+        self, name: str, *, ssh_port: int | None, ports: tuple[PortSpec, ...]
+    ) -> float: ...
 
     # Room for what the next issues add behind the same seam:
     # networks (define, attach a NIC).

@@ -6,7 +6,8 @@ shared regions per audience (what ``labs.live.regions`` pushes) and the overview
 regions, bulk form, final snapshots and usage. They are kept in the cache (Redis, shared
 by the web processes and the workers) under keys that carry **versions**:
 
-- ``g<group>``: the group's own (its row, members, VMs, snapshots, volumes, operations),
+- ``g<group>``: the group's own (its row, members, VMs, snapshots, volumes, published
+  ports, operations),
 - ``o<course>``: any group of the course (the overview shows all of them),
 - ``c<course>``: the course's own (its dates, template, schedule),
 - ``all``: what every page may show (hosts, images, people's names),
@@ -213,6 +214,7 @@ def _names_of(sender, instance) -> list[str]:
         Image,
         ImageCopy,
         Membership,
+        Publication,
         Snapshot,
         StateChange,
         Vm,
@@ -226,7 +228,7 @@ def _names_of(sender, instance) -> list[str]:
         return [*_group_names(instance.group_id, None), f"o{instance.course_id}"]
     if sender in (Vm, Volume):
         return _group_names(instance.group_id, _course_of(instance.group_id))
-    if sender in (Snapshot, StateChange):  # StateChange: the hours
+    if sender in (Snapshot, StateChange, Publication):  # StateChange: the hours
         group_id = Vm.objects.filter(pk=instance.vm_id).values_list("group_id", flat=True)
         group_id = group_id.first()
         return _group_names(group_id, _course_of(group_id))
@@ -272,6 +274,7 @@ def connect() -> None:
         Image,
         ImageCopy,
         Membership,
+        Publication,
         Snapshot,
         StateChange,
         Vm,
@@ -279,7 +282,8 @@ def connect() -> None:
         Volume,
     )
 
-    models = [Group, Membership, Vm, Volume, Snapshot, StateChange, Course, VmTemplate]
+    models = [Group, Membership, Vm, Volume, Snapshot, StateChange, Publication, Course]
+    models += [VmTemplate]
     models += [ClassSession, ClassHoliday, Host, Image, ImageCopy, get_user_model()]
     for model in models:
         uid = f"pagecache-{model._meta.label_lower}"

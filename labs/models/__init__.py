@@ -9,6 +9,7 @@
 - ``operations``: Operation and how the pages name who asked and why it waits
 - ``schedule``: the course clock's classes, holidays and the actions it took
 - ``volumes``: a group's block volumes
+- ``ports``: published ports (a guest port forwarded from its host's address)
 """
 
 from labs.models.courses import Course, Group, Membership, _default_time_zone
@@ -20,6 +21,7 @@ from labs.models.operations import (
     requester_label,
     waiting_note,
 )
+from labs.models.ports import Publication
 from labs.models.schedule import ClassHoliday, ClassSession, ClockAction
 from labs.models.vms import ConsoleSession, Snapshot, StateChange, Vm, VmArchive, VmQuerySet
 from labs.models.volumes import Volume
@@ -38,6 +40,7 @@ __all__ = [
     "ImageCopy",
     "Membership",
     "Operation",
+    "Publication",
     "Snapshot",
     "StateChange",
     "Vm",

@@ -12,11 +12,19 @@ from labs.choices import (
     PlacementPolicy,
     Role,
 )
-from labs.validators import one_line_text, time_zone_name
+from labs.validators import guest_port_list, one_line_text, time_zone_name
 
 
 def _default_time_zone() -> str:
     return settings.TIME_ZONE
+
+
+def _default_published_ports() -> int:
+    return settings.PUBLISHED_PORTS_PER_GROUP
+
+
+def _default_forbidden_ports() -> str:
+    return ",".join(str(port) for port in settings.PUBLISHED_PORTS_FORBIDDEN)
 
 
 class Course(models.Model):
@@ -32,6 +40,21 @@ class Course(models.Model):
     max_group_size = models.PositiveSmallIntegerField(default=4)
     snapshot_limit = models.PositiveSmallIntegerField(
         "snapshots per VM", default=10, help_text="The most snapshots one VM may keep."
+    )
+    # Published ports (labs/compute/ports.py, docs/networking.md).
+    published_ports_per_group = models.PositiveSmallIntegerField(
+        "published ports per group",
+        default=_default_published_ports,
+        help_text="How many guest ports one group may publish on the hosts' address at once.",
+    )
+    forbidden_guest_ports = models.CharField(
+        "guest ports never published",
+        max_length=200,
+        blank=True,
+        default=_default_forbidden_ports,
+        validators=[guest_port_list],
+        help_text="Comma-separated guest ports members may not publish (22 is forwarded for "
+        "SSH already and always refused; 25: no mail servers).",
     )
     # How far an instructor may raise one group's quotas (superusers set these).
     quota_cap_vms = models.PositiveSmallIntegerField("VMs cap", default=10)
@@ -162,6 +185,12 @@ class Course(models.Model):
 
     def __str__(self) -> str:
         return f"{self.slug}: {self.title}"
+
+    @property
+    def forbidden_ports(self) -> frozenset[int]:
+        """The guest ports its members may not publish: the list, and SSH's always."""
+        listed = {int(p) for p in self.forbidden_guest_ports.split(",") if p.strip().isdigit()}
+        return frozenset(listed | {22})
 
     def clean(self) -> None:
         errors = {}

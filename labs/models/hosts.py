@@ -52,6 +52,10 @@ class Host(models.Model):
     )
     ssh_port_min = models.PositiveIntegerField(default=22000)
     ssh_port_max = models.PositiveIntegerField(default=22999)
+    # Published ports (labs/compute/ports.py): guest ports members publish are forwarded from
+    # this range, on the same address as the SSH forwards (shown with ``ssh_address``).
+    published_port_min = models.PositiveIntegerField(default=23000)
+    published_port_max = models.PositiveIntegerField(default=23999)
     storage_dir = models.CharField(
         max_length=300, default="/var/lib/stratus/vms", help_text="Overlays and seeds."
     )
@@ -82,6 +86,18 @@ class Host(models.Model):
                 & models.Q(ssh_port_max__gte=models.F("ssh_port_min")),
                 name="host_ssh_port_range",
                 violation_error_message="SSH ports are a range within 1024-65535.",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(published_port_min__gte=1024)
+                & models.Q(published_port_max__lte=65535)
+                & models.Q(published_port_max__gte=models.F("published_port_min"))
+                & (
+                    models.Q(published_port_min__gt=models.F("ssh_port_max"))
+                    | models.Q(published_port_max__lt=models.F("ssh_port_min"))
+                ),
+                name="host_published_port_range",
+                violation_error_message="Published ports are a range within 1024-65535, apart "
+                "from the SSH ports.",
             ),
             models.CheckConstraint(
                 condition=~models.Q(network_mode=NetworkMode.BRIDGE) | ~models.Q(bridge=""),

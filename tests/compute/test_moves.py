@@ -19,6 +19,8 @@ def h2(db):
         disk_gib=200,
         ssh_port_min=23000,
         ssh_port_max=23001,
+        published_port_min=23100,
+        published_port_max=23199,
     )
 
 

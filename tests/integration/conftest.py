@@ -207,8 +207,11 @@ def qemu_host(transactional_db, storage_dir) -> Host:
         network_mode="user",
         # Below Linux's ephemeral range (32768-60999): a client socket that happened to get
         # a port there would keep QEMU from binding its forward to it.
+        # Of the run's 100 ports: 80 for SSH, 20 for published ports (on the loopback too).
         ssh_port_min=SSH_PORT_MIN,
-        ssh_port_max=SSH_PORT_MIN + 99,
+        ssh_port_max=SSH_PORT_MIN + 79,
+        published_port_min=SSH_PORT_MIN + 80,
+        published_port_max=SSH_PORT_MIN + 99,
         storage_dir=str(storage_dir),
     )
 
@@ -314,7 +317,9 @@ def second_host(transactional_db, second_libvirtd, second_storage_dir) -> Host:
         virt_type="qemu",
         network_mode="user",
         ssh_port_min=SSH_PORT_MIN + 100,
-        ssh_port_max=SSH_PORT_MIN + 199,
+        ssh_port_max=SSH_PORT_MIN + 179,
+        published_port_min=SSH_PORT_MIN + 180,
+        published_port_max=SSH_PORT_MIN + 199,
         storage_dir=str(second_storage_dir),
     )
     yield host

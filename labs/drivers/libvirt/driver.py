@@ -30,6 +30,7 @@ from labs.drivers.base import (
 )
 from labs.drivers.libvirt import agent, archive, connection, images, migration
 from labs.drivers.libvirt.errors import classify, error_code
+from labs.drivers.libvirt.ports import PortsMixin
 from labs.drivers.libvirt.storage import GiB, StorageMixin
 from labs.drivers.libvirt.volumes import VolumesMixin
 from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml, volume_xml
@@ -60,7 +61,7 @@ def _saved_or(dom: libvirt.virDomain, state: str) -> str:
     return state
 
 
-class LibvirtDriver(StorageMixin, VolumesMixin):
+class LibvirtDriver(StorageMixin, VolumesMixin, PortsMixin):
     """The :class:`~labs.drivers.base.Driver` for one libvirt host (``qemu:///system``,
     ``qemu+ssh://…``, ``qemu+tls://…``).
 
@@ -394,6 +395,8 @@ class LibvirtDriver(StorageMixin, VolumesMixin):
                 raise HypervisorError(f"VM {name} is not running on host {self.host}")
             started = time.monotonic()
             dom.managedSave(0)
+            # Ports published while it ran are in its QEMU, not in the XML saved with it.
+            self.saved_forwards_match(dom)
             log.info(
                 "saved %s to disk on %s in %.1f s", name, self.host, time.monotonic() - started
             )
@@ -452,6 +455,10 @@ class LibvirtDriver(StorageMixin, VolumesMixin):
             snap = self._snapshot(dom, snapshot)
             if snap is None:
                 raise HypervisorError(f"VM {name} has no snapshot named {snapshot}")
+            # The VM's published ports of now, not the snapshot's time's (labs/drivers/
+            # libvirt/ports.py); the same snapshot is looked up again after its redefinition.
+            self.snapshot_forwards_match(dom, snap)
+            snap = self._snapshot(dom, snapshot)
             try:
                 dom.revertToSnapshot(snap, 0)
             except libvirt.libvirtError as error:

@@ -5,7 +5,8 @@ Everything goes through the two hosts' libvirt APIs, as provisioning does: the o
 (with the internal snapshots it holds) is streamed from the source's volume into a new
 volume on the destination, the seed is written there again, the domain is defined there
 from the destination's spec, and each snapshot's metadata is redefined on it, parents
-first, with the SSH forward and the storage paths of the destination. Any failure removes
+first, with the forwards (SSH's, published ports') and the storage paths of the
+destination. Any failure removes
 what was made on the destination and leaves the source as it was. The source is never
 touched: the caller removes it once its rows say the VM is on the destination
 (labs/compute/executors.py, ``move``), so that a crash at any point leaves one whole VM.
@@ -24,7 +25,7 @@ import libvirt
 
 from labs.drivers.base import HypervisorError, Progress, VmSpec
 from labs.drivers.libvirt.storage import StorageMixin
-from labs.drivers.libvirt.xml import build_domain_xml, volume_xml
+from labs.drivers.libvirt.xml import build_domain_xml, netdev_value, volume_xml, with_netdev
 
 # Both ends are LibvirtDrivers (the storage half is what is used of them here); named by
 # the mixin so this module does not import the driver that imports it.
@@ -108,10 +109,11 @@ def _snapshots_parents_first(dom: libvirt.virDomain) -> list[libvirt.virDomainSn
 
 def _as_on_destination(xml: str, source: VmSpec, target: VmSpec) -> str:
     """A domain's XML (or a snapshot's, which holds one) as it reads on the destination:
-    it forwards the destination's SSH port and names the destination's storage directory."""
-    old_forward = f"hostfwd=tcp:127.0.0.1:{source.ssh_port}-:"
-    new_forward = f"hostfwd=tcp:127.0.0.1:{target.ssh_port}-:"
-    xml = xml.replace(old_forward, new_forward)
+    it forwards the destination's SSH port and published ports (its whole ``-netdev``
+    from the destination's spec: a running domain's own XML lacks the ports published
+    live) and names the destination's storage directory."""
+    if target.network == "user":
+        xml = with_netdev(xml, netdev_value(target.ssh_port, target.ports))
     return xml.replace(f"{source.storage_dir.rstrip('/')}/", f"{target.storage_dir.rstrip('/')}/")
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 
-from labs.drivers.base import DESCRIPTION_MAX, NOT_XML, TITLE_MAX, VmSpec, VolumeSpec
+from labs.drivers.base import (
+    DESCRIPTION_MAX,
+    NOT_XML,
+    TITLE_MAX,
+    PortSpec,
+    VmSpec,
+    VolumeSpec,
+)
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 STRATUS_NS = "https://stratus.invalid/xmlns/libvirt/vm/1"
@@ -137,16 +144,67 @@ def build_domain_xml(
     return ET.tostring(domain, encoding="unicode")
 
 
+NETDEV_ID = "net0"
+FORWARD_ADDRESS = "127.0.0.1"  # every forward listens on the host's loopback only
+
+
+def netdev_value(ssh_port: int | None, ports: tuple[PortSpec, ...] = ()) -> str:
+    """The ``-netdev`` argument: slirp with ``restrict=on``, SSH's forward, then each
+    published port's, all on the loopback (``hostfwd=tcp:127.0.0.1:HOST-:GUEST``)."""
+    netdev = f"user,id={NETDEV_ID},restrict=on"
+    if ssh_port is not None:
+        netdev += f",hostfwd=tcp:{FORWARD_ADDRESS}:{ssh_port}-:{SSH_GUEST_PORT}"
+    for port in sorted(ports, key=lambda p: p.host_port):
+        netdev += f",hostfwd=tcp:{FORWARD_ADDRESS}:{port.host_port}-:{port.guest_port}"
+    return netdev
+
+
+def netdev_arg(domain: ET.Element) -> ET.Element | None:
+    """The ``<qemu:arg>`` holding a domain's user-mode ``-netdev`` value, or None (bridge
+    mode, or a driver that keeps no QEMU command line: libvirt's test driver drops it)."""
+    args = domain.findall(f"./{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag.get("value") == "-netdev" and (value.get("value") or "").startswith(
+            f"user,id={NETDEV_ID},"
+        ):
+            return value
+    return None
+
+
+def netdev_forwards(value: str) -> dict[int, int]:
+    """The TCP forwards of a ``-netdev`` value: {host port: guest port}."""
+    forwards = {}
+    for option in value.split(","):
+        if not option.startswith(f"hostfwd=tcp:{FORWARD_ADDRESS}:"):
+            continue
+        host_part, _, guest_part = option.removeprefix("hostfwd=tcp:").partition("-")
+        host_port, guest_port = host_part.rpartition(":")[2], guest_part.rpartition(":")[2]
+        if host_port.isdigit() and guest_port.isdigit():
+            forwards[int(host_port)] = int(guest_port)
+    return forwards
+
+
+def with_netdev(xml: str, value: str) -> str:
+    """A domain's XML, or a snapshot's or a save image's (which hold one), forwarding
+    what ``value`` says; unchanged when it has no user-mode ``-netdev``."""
+    root = parse(xml)
+    domain = root if root.tag == "domain" else root.find("domain")
+    arg = netdev_arg(domain) if domain is not None else None
+    if arg is None or arg.get("value") == value:
+        return xml
+    arg.set("value", value)
+    return ET.tostring(root, encoding="unicode")
+
+
 def _user_network_args(spec: VmSpec) -> list[str]:
-    """QEMU slirp, cut off from everything but the SSH forward on the host's loopback.
+    """QEMU slirp, cut off from everything but its forwards on the host's loopback: SSH's
+    and the published ports'.
 
     libvirt's own user-mode interface has neither ``restrict`` nor port forwards (and
     passt is disabled on Debian 12), hence the QEMU namespace; libvirt then marks the
     domain "tainted: custom-argv", which is expected.
     """
-    netdev = "user,id=net0,restrict=on"
-    if spec.ssh_port is not None:
-        netdev += f",hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:{SSH_GUEST_PORT}"
+    netdev = netdev_value(spec.ssh_port, spec.ports)
     device = "virtio-net-pci,netdev=net0,bus=pci.0,addr=0x10"
     if spec.mac:
         device += f",mac={spec.mac}"

@@ -10,12 +10,12 @@ from labs.models import Host, Image
 from labs.tooling.registration import host_register
 
 
-def _port_range(text: str) -> tuple[int, int]:
+def _port_range(text: str, option: str = "--ssh-ports", example: str = "22000-22999"):
     low, _, high = text.partition("-")
     try:
         return int(low), int(high or low)
     except ValueError:
-        raise CommandError(f"--ssh-ports is MIN-MAX, such as 22000-22999, not {text!r}.") from None
+        raise CommandError(f"{option} is MIN-MAX, such as {example}, not {text!r}.") from None
 
 
 class Command(BaseCommand):
@@ -34,6 +34,12 @@ class Command(BaseCommand):
         parser.add_argument("--storage-dir", default="/var/lib/stratus/vms")
         parser.add_argument("--ssh-ports", default="22000-22999", help="MIN-MAX")
         parser.add_argument(
+            "--published-ports",
+            default="",
+            help="MIN-MAX: where guests' published ports are forwarded, apart from the SSH "
+            "ports (default: the 1000 ports after them)",
+        )
+        parser.add_argument(
             "--virt-type", choices=VirtType.values, default=VirtType.AUTO, help="kvm, qemu, auto"
         )
         parser.add_argument(
@@ -45,6 +51,13 @@ class Command(BaseCommand):
 
     def handle(self, *args, name, uri, ssh_ports, storage_dir, **options):
         low, high = _port_range(ssh_ports)
+        known = Host.objects.filter(name=name).first()
+        if options["published_ports"]:
+            published = _port_range(options["published_ports"], "--published-ports", "23000-23999")
+        elif known is not None:  # an update keeps the host's range (its ports stay valid)
+            published = (known.published_port_min, known.published_port_max)
+        else:  # the 1000 ports after the SSH range (or before it, near the top)
+            published = (high + 1, high + 1000) if high + 1000 <= 65535 else (low - 1000, low - 1)
         fields = {
             "vcpus": options["vcpus"],
             "memory_mib": options["memory_mib"],
@@ -52,6 +65,8 @@ class Command(BaseCommand):
             "storage_dir": storage_dir,
             "ssh_port_min": low,
             "ssh_port_max": high,
+            "published_port_min": published[0],
+            "published_port_max": published[1],
             "virt_type": options["virt_type"],
             "console_ssh": options["console_ssh"],
             "console_ssh_host_key": options["console_ssh_host_key"],
