@@ -29,7 +29,7 @@ to enter the site at all: that is Django's gate for the admin, not a second defi
 from enum import StrEnum
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Model, Q, QuerySet
+from django.db.models import Exists, Model, OuterRef, Q, QuerySet
 
 from labs.choices import STAFF_ROLES, GroupStatus, Role
 from labs.models import (
@@ -134,6 +134,12 @@ def is_member(*, user: User, group: Group | int) -> bool:
         return False
     group_id = group.pk if isinstance(group, Group) else group
     return Membership.objects.filter(user=user, group_id=group_id, role=Role.STUDENT).exists()
+
+
+def member_of_row(*, user: User) -> Exists:
+    """For an annotation of Group rows: whether the user is a student member of each
+    (``is_member`` in the same query)."""
+    return Exists(Membership.objects.filter(user=user, group_id=OuterRef("pk"), role=Role.STUDENT))
 
 
 def _member_group_ids(user: User) -> QuerySet:

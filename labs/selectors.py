@@ -51,12 +51,14 @@ def group_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:
 
 def group_head_for_viewer(*, user: AbstractBaseUser, group_id: int) -> Group:
     """What the group page needs before its cached parts, if the user may view the group
-    (a member, course staff); else 404: the row's own columns, nothing joined. The parts
-    that must be rendered read the whole group then (``group_for_push``)."""
+    (a member, course staff); else 404: the row's own columns, nothing joined, and
+    ``viewer_is_member`` (a student member, not staff). The parts that must be rendered
+    read the whole group then (``group_for_push``)."""
     group = (
         access.restrict(Group.objects.all(), user=user, action=Action.VIEW)
         .filter(pk=group_id)
         .only("pk", "name", "course_id", "status", "updated_at")
+        .annotate(viewer_is_member=access.member_of_row(user=user))
         .first()
     )
     if group is None:

@@ -102,7 +102,7 @@ def group_detail(request, group_id: int):
     # own part: their hours. The selector let the viewer in: a student member of the
     # group, or else course staff (a student of the course is in one group at most, staff
     # in none). A part that must be rendered reads the whole group first.
-    staff = request.user.is_superuser or not access.is_member(user=request.user, group=group)
+    staff = request.user.is_superuser or not group.viewer_is_member
     token = get_token(request)
 
     @functools.cache
