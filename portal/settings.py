@@ -254,6 +254,14 @@ VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
 GUEST_AGENT_TIMEOUT = env_int("GUEST_AGENT_TIMEOUT", 120)
 # How long a running guest may take to let a detached block volume go (seconds).
 VOLUME_DETACH_TIMEOUT = env_int("VOLUME_DETACH_TIMEOUT", 30)
+# Shared files (labs/compute/shares.py, docs/storage.md): the group and course shares'
+# directories, exported to guests with virtiofs. The same path on every hypervisor host and
+# on the machine that runs the admin and `course_share_put` (one shared filesystem in
+# production, mounted nosuid,nodev,noexec); a course's share holds at most the cap, one
+# file put there at most the file limit (MiB).
+STRATUS_SHARES_DIR = env_str("STRATUS_SHARES_DIR", "/var/lib/stratus/shares")
+COURSE_SHARE_CAP_MIB = env_int("COURSE_SHARE_CAP_MIB", 2048)
+SHARE_FILE_MAX_MIB = env_int("SHARE_FILE_MAX_MIB", 512)
 # Operations one group's members may ask for in a minute (course staff are not counted).
 OPERATIONS_PER_GROUP_PER_MINUTE = env_int("OPERATIONS_PER_GROUP_PER_MINUTE", 20)
 # libvirt domains are named PREFIX<vm id>; the tests use their own prefix so they never
