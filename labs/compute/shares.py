@@ -28,6 +28,7 @@ and holds at most COURSE_SHARE_CAP_MIB.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,8 @@ from labs.choices import OperationKind
 from labs.drivers.base import ShareSpec
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.models import Course, Group, Vm
+
+log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -292,6 +295,12 @@ def course_share_put(
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
+    log.info(
+        "course share %s: %s put %s",
+        course.slug,
+        getattr(by, "username", "an operator"),
+        ", ".join(names),
+    )
     return names
 
 
@@ -310,3 +319,9 @@ def course_share_remove(*, course: Course, names: list[str], by: AbstractBaseUse
             os.unlink(name, dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
+    log.info(
+        "course share %s: %s removed %s",
+        course.slug,
+        getattr(by, "username", "an operator"),
+        ", ".join(names),
+    )
