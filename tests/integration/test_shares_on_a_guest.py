@@ -107,11 +107,12 @@ def test_two_vms_of_a_group_share_files_and_read_the_course_share_they_cannot_ch
         # Two TCG guests booting at once on a shared 2-core machine: 37 s alone when idle,
         # over 2 minutes each when other test runs load it (measured while this was written).
         wait_for_ssh(key, vm.ssh_port, timeout=420)
-        try:
-            wait_for(lambda vm=vm: mounted(key, vm.ssh_port, "/srv/course"), timeout=90)
-        except AssertionError:
+        # cloud-init mounts the shares in its final stage, after SSH is up: wait for it
+        # (on a loaded machine that stage came 5 minutes into a boot).
+        ssh(key, vm.ssh_port, "cloud-init status --wait", timeout=420)
+        if not mounted(key, vm.ssh_port, "/srv/course"):
             said = diagnosis(key, vm)
-            raise AssertionError(f"{vm.name} has not mounted its shares:\n{said}") from None
+            raise AssertionError(f"{vm.name} has not mounted its shares:\n{said}")
     booted = time.monotonic() - asked
     vm1.refresh_from_db()
     assert vm1.shares and vm1.observed_state == ObservedState.RUNNING
