@@ -57,6 +57,7 @@ class Action(StrEnum):
     MOVE = "move"  # move a VM to another host (its SSH line changes)
     SCHEDULE = "schedule"  # edit the course's class schedule and clock settings
     IMAGE = "image"  # capture a VM as a course image; switch the template to an image
+    SHARE = "share"  # put files into the course share (labs/compute/shares.py)
 
 
 # The course roles that grant each action on every group of the course. Students get
@@ -70,6 +71,7 @@ ROLES: dict[Action, tuple[str, ...]] = {
     Action.MOVE: (Role.INSTRUCTOR,),
     Action.SCHEDULE: (Role.INSTRUCTOR,),
     Action.IMAGE: (Role.INSTRUCTOR,),
+    Action.SHARE: (Role.INSTRUCTOR,),
 }
 # What a student member of a group may do with it (operate: only once it is approved).
 MEMBER_ACTIONS = frozenset({Action.VIEW, Action.OPERATE})

@@ -14,6 +14,7 @@ from django.utils.html import format_html
 
 from labs import access
 from labs.admin_images import TemplateImageMixin, capture, may_capture
+from labs.admin_shares import may_share, share_put
 from labs.choices import DesiredState
 from labs.compute import quotas
 from labs.compute.moves import vm_move_request
@@ -133,6 +134,7 @@ class CourseAdmin(CourseScopedAdmin):
         ("Usage hours", ["hours_quota", "hours_per_student", "hours_exclude_class"]),
         ("Deadline and end of term", ["deadline_at", "term_ends_at", "term_warning_days"]),
         ("Published ports", ["published_ports_per_group", "forbidden_guest_ports"]),
+        ("Shared files", ["shares"]),
     ]
     instructor_fields = [f for _, fields in instructor_fieldsets for f in fields]
 
@@ -180,10 +182,14 @@ class CourseAdmin(CourseScopedAdmin):
         return obj.is_signup_open
 
     # Next term's course (labs/people/rollover.py): superusers only.
-    actions = ["rollover"]
+    # The course share's files (labs/admin_shares.py): its instructors.
+    actions = ["rollover", share_put]
 
     def has_rollover_permission(self, request):
         return request.user.is_superuser
+
+    def has_share_permission(self, request):
+        return may_share(request)
 
     @admin.action(description="Roll over to a new term", permissions=["rollover"])
     def rollover(self, request, queryset):

@@ -115,7 +115,10 @@ def group_detail(request, group_id: int):
     parts = {"shared": regions.group_entry(group=group, staff=staff, early=early, load=whole)}
     if group.status == GroupStatus.APPROVED:
         parts["hours"] = (
-            None if early is None else f"hours:{group.pk}:{request.user.pk}:{early}",
+            None
+            if early is None
+            else f"hours:{group.pk}:{request.user.pk}:{early}:"
+            f"{pagecache.span(pagecache.HOURS_SECONDS)}",
             min(pagecache.HOURS_SECONDS, pagecache.seconds() * 2),
             lambda: render_to_string(
                 "labs/_group_hours.html",

@@ -276,6 +276,15 @@ PUBLISHED_PORTS_PER_GROUP = env_int("PUBLISHED_PORTS_PER_GROUP", 3)
 PUBLISHED_PORTS_FORBIDDEN = [
     int(port) for port in env_list("PUBLISHED_PORTS_FORBIDDEN", ["22", "25"]) if port.isdigit()
 ]
+
+# Shared files (labs/compute/shares.py, docs/storage.md): the group and course shares'
+# directories, exported to guests with virtiofs. The same path on every hypervisor host and
+# on the machine that runs the admin and `course_share_put` (one shared filesystem in
+# production, mounted nosuid,nodev,noexec); a course's share holds at most the cap, one
+# file put there at most the file limit (MiB).
+STRATUS_SHARES_DIR = env_str("STRATUS_SHARES_DIR", "/var/lib/stratus/shares")
+COURSE_SHARE_CAP_MIB = env_int("COURSE_SHARE_CAP_MIB", 2048)
+SHARE_FILE_MAX_MIB = env_int("SHARE_FILE_MAX_MIB", 512)
 # Operations one group's members may ask for in a minute (course staff are not counted).
 OPERATIONS_PER_GROUP_PER_MINUTE = env_int("OPERATIONS_PER_GROUP_PER_MINUTE", 20)
 # libvirt domains are named PREFIX<vm id>; the tests use their own prefix so they never

@@ -3,8 +3,10 @@
 # Stratus guests here use QEMU user-mode networking only (see docs/hypervisor.md, "Networking").
 set -euo pipefail
 
+# qemu-system-common (a dependency of qemu-system-x86, named for what it brings): Debian
+# 12's /usr/lib/qemu/virtiofsd, which libvirt starts for the shared files (docs/storage.md).
 packages=(libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86
-          qemu-utils)
+          qemu-system-common qemu-utils)
 sudo=""
 [[ $(id -u) -eq 0 ]] || sudo=sudo
 

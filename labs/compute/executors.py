@@ -13,7 +13,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from labs.choices import DesiredState, NetworkMode, ObservedState, PortState, VolumeState
-from labs.compute import ssh_access
+from labs.compute import shares, ssh_access
 from labs.compute.image_copies import image_for_reset
 from labs.compute.records import (
     NO_CONSOLE,
@@ -53,6 +53,7 @@ def vm_spec(vm: Vm) -> VmSpec:
         metadata={"vm": str(vm.pk), "group": str(vm.group_id), "course": vm.group.course.slug},
         volumes=tuple(volume_spec(v) for v in vm.volumes.order_by("pk")),
         ports=port_specs(vm) if user_mode else (),
+        shares=shares.share_specs(vm),
     )
 
 
@@ -82,6 +83,7 @@ def vm_seed(vm: Vm, access: ssh_access.Access) -> bytes:
         login_user=access.accounts[0],
         extra_users=access.accounts[1:],
         ssh_public_key=access.key,
+        mounts=shares.share_mounts(vm),
     )
 
 
@@ -97,8 +99,15 @@ def _running(vm: Vm, driver=None) -> None:
     ssh_access.vm_started(vm)
 
 
+def _shares_from_course(vm: Vm) -> None:
+    """A VM made or reset gets the shares its course has now (labs/compute/shares.py)."""
+    vm.shares = vm.group.course.shares
+    Vm.objects.filter(pk=vm.pk).update(shares=vm.shares)
+
+
 def provision(op: Operation) -> None:
     vm = op.vm
+    _shares_from_course(vm)
     driver = driver_of(vm)
     since, access = timezone.now(), ssh_access.access_wanted(vm)
     driver.provision(vm_spec(vm), seed_iso=vm_seed(vm, access), progress=operation_progress(op))
@@ -252,6 +261,7 @@ def reset(op: Operation) -> None:
     Vm.objects.filter(pk=vm.pk).update(instance_id=vm.instance_id)
     # The course template's current image (it may have switched since the VM was made).
     image_for_reset(vm)
+    _shares_from_course(vm)
     vm_consoles_close(vm, "the VM is being reset to its baseline")
     driver = driver_of(vm)
     since, access = timezone.now(), ssh_access.access_wanted(vm)

@@ -42,7 +42,7 @@ from labs.choices import (
     ObservedState,
     OperationKind,
 )
-from labs.compute import dispatch, kinds
+from labs.compute import dispatch, kinds, shares
 from labs.drivers.base import HypervisorError
 from labs.drivers.registry import driver_for
 from labs.errors import Busy, NotAllowed, Refused, StratusError
@@ -240,7 +240,7 @@ def _act(vm: Vm, *, idle_for: timedelta) -> Operation | None:
     kind = (
         OperationKind.STOP
         if vm.group.course.idle_action == IdleAction.STOP
-        else OperationKind.SAVE
+        else shares.save_kind(vm)  # a VM with shares is shut down: QEMU cannot save it
     )
     entry = kinds.kind_of(kind)
     refused = kinds.refusal(entry, vm, active=None)

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from labs.choices import ObservedState, OperationKind
 from labs.compute import archives, executors, images, moves, quotas
+from labs.compute.shares import shares_refusal
 from labs.errors import Busy, Invalid, OverQuota, Refused
 from labs.models import Operation, Vm
 
@@ -287,7 +288,7 @@ def refusal(kind: Kind, vm: Vm, *, active: Operation | None) -> Refused | None:
     if state not in kind.accepts:
         already = "already " if state in kind.already else ""
         return Refused(f"{vm.name} is {already}{S(state).label.lower()}.")
-    return None
+    return shares_refusal(kind.kind, vm, state)
 
 
 def params_clean(kind: Kind, vm: Vm, params: dict | None) -> dict:

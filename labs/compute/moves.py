@@ -60,6 +60,11 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
             f"{vm.name} has snapshots, which a live move cannot take along: shut it down "
             "and move it stopped (every snapshot comes along), or delete them first."
         )
+    if live and vm.shares:
+        raise Refused(
+            f"{vm.name} has shared folders (virtiofs), which QEMU cannot migrate: shut it down "
+            "and move it stopped (the shares are the same directories on every host)."
+        )
     if live and vm.volumes.exists():
         raise Refused(
             f"{vm.name} has block volumes, which a live move does not take along: shut it "

@@ -49,7 +49,10 @@ def group_usage(*, group: Group, vms: list[Vm] | None = None) -> dict[str, int]:
         "vms": len(vms),
         "vcpus": sum(vm.vcpus for vm in vms),
         "memory_mib": sum(vm.memory_mib for vm in vms),
-        "disk_gib": sum(vm.disk_gib for vm in vms) + saved + volumes_gib(group=group),
+        "disk_gib": sum(vm.disk_gib for vm in vms)
+        + saved
+        + volumes_gib(group=group)
+        + shares_gib(group=group),
     }
 
 
@@ -57,6 +60,16 @@ def volumes_gib(*, group: Group) -> int:
     """What the group's block volumes take of its disk quota: every one, attached or not
     (labs/compute/volumes.py)."""
     return sum(Volume.objects.filter(group=group).values_list("size_gib", flat=True))
+
+
+def shares_gib(*, group: Group) -> int:
+    """What the group share takes of the disk quota: its files' blocks, measured now
+    (labs/compute/shares.py); nothing for a course without shares."""
+    from labs.compute.shares import group_share_gib
+
+    if not group.course.shares:  # the course is loaded with the group nearly always
+        return 0
+    return group_share_gib(group=group)
 
 
 def quota_check(*, group: Group, need: dict[str, int]) -> None:

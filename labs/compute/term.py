@@ -161,6 +161,20 @@ def deadline_tick(course: Course, *, now: datetime) -> list[Operation]:
         waiting += 1
         if vm.pk in busy or vm.observed_state not in _SNAPSHOTTABLE:
             continue  # next tick
+        if vm.shares and vm.observed_state in (S.RUNNING, S.PAUSED):
+            # QEMU cannot save the memory of a VM with shares: it is shut down first (a
+            # paused one forced off) and snapshotted disk-only at a later tick.
+            running = vm.observed_state == S.RUNNING
+            kind = OperationKind.STOP if running else OperationKind.FORCE_OFF
+            try:
+                asked.append(
+                    dispatch.operation_create(
+                        vm=vm, kind=kind, by=None, params={"clock": DEADLINE_CLOCK}
+                    )
+                )
+            except Busy as error:
+                log.info("deadline: %s; trying again next tick", error)
+            continue
         name = _free_name(vm, final_name(course))
         params = {
             "name": name,

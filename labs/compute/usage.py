@@ -47,7 +47,7 @@ from labs.choices import (
     OperationKind,
     Role,
 )
-from labs.compute import clock, dispatch, kinds
+from labs.compute import clock, dispatch, kinds, shares
 from labs.errors import OverQuota, StratusError
 from labs.live import events
 from labs.models import Course, Group, Membership, Operation, Snapshot, StateChange, Vm
@@ -339,14 +339,15 @@ def group_hours(
 
 
 def _vm_save(vm: Vm) -> Operation | None:
-    entry = kinds.kind_of(OperationKind.SAVE)
+    kind = shares.save_kind(vm)  # a VM with shares is shut down: QEMU cannot save it
+    entry = kinds.kind_of(kind)
     try:
         with transaction.atomic():
             refused = kinds.refusal(entry, vm, active=None)
             if refused is not None:
                 raise refused
             return dispatch.operation_create(
-                vm=vm, kind=OperationKind.SAVE, by=None, params={"clock": HOURS_CLOCK}
+                vm=vm, kind=kind, by=None, params={"clock": HOURS_CLOCK}
             )
     except StratusError as error:  # busy or changed since: the next tick looks again
         log.info("usage hours: %s not saved: %s", vm, error)

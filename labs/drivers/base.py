@@ -89,6 +89,34 @@ class VolumeSpec:
             raise HypervisorError(f"invalid volume {self.file_name!r}: " + "; ".join(problems))
 
 
+_SHARE_TAG_RE = re.compile(r"[a-z][a-z0-9-]{0,35}")
+MAX_SHARES = 4
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    """A host directory exported to the guest with virtiofs, mounted there by its tag
+    (labs/compute/shares.py). ``readonly``: ``source`` is a read-only bind mount of its
+    sibling ``files`` directory, made on the host before the domain starts (libvirt 9.0
+    refuses virtiofs ``<readonly/>``; see labs/drivers/libvirt/shares.py)."""
+
+    tag: str  # the virtiofs tag the guest mounts ("group", "course")
+    source: str  # absolute host directory
+    guest_path: str  # where the guest mounts it (/srv/group)
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _SHARE_TAG_RE.fullmatch(self.tag or ""):
+            problems.append("the tag must be a-z, 0-9 and '-', starting with a letter")
+        for what, path in (("source", self.source), ("guest path", self.guest_path)):
+            plain = os.path.isabs(path or "") and os.path.normpath(path) == path
+            if not plain or NOT_XML.search(path):
+                problems.append(f"the {what} must be a normalised absolute path")
+        if problems:
+            raise HypervisorError(f"invalid share {self.tag!r}: " + "; ".join(problems))
+
+
 @dataclass(frozen=True)
 class PortSpec:
     """A published port: TCP ``host_port`` on the host's loopback forwarded to the guest's
@@ -129,6 +157,8 @@ class VmSpec:
     # Published ports (user mode): forwarded beside SSH by every domain defined from the
     # spec (provision, reset, restore, a move's destination).
     ports: tuple[PortSpec, ...] = ()
+    # Shared directories (virtiofs; the domain then has shared memory): see ShareSpec.
+    shares: tuple[ShareSpec, ...] = ()
 
     def __post_init__(self) -> None:
         problems = _spec_problems(self)
@@ -184,6 +214,11 @@ def _spec_problems(spec: VmSpec) -> list[str]:
         problems.append("volumes must be VolumeSpecs with serials of their own")
     if len(spec.volumes) > MAX_VOLUMES:
         problems.append(f"at most {MAX_VOLUMES} volumes")
+    tags = [s.tag for s in spec.shares if isinstance(s, ShareSpec)]
+    if len(tags) != len(spec.shares) or len(set(tags)) != len(tags):
+        problems.append("shares must be ShareSpecs with tags of their own")
+    if len(spec.shares) > MAX_SHARES:
+        problems.append(f"at most {MAX_SHARES} shares")
     problems.extend(_port_problems(spec))
     return problems
 

@@ -71,12 +71,17 @@ def seed_build(
     login_user: str,
     extra_users: list[str],
     ssh_public_key: str,
+    mounts: tuple[tuple[str, str, bool], ...] = (),
 ) -> bytes:
     """The NoCloud seed ISO for one VM.
 
     ``hostname`` is made a DNS label with :func:`hostname_for`; user names are checked
     with :func:`username_for` (ValueError for one that cannot be used); duplicates are
     dropped. Every user gets the one SSH key and passwordless sudo; passwords are locked.
+
+    ``mounts``: (virtiofs tag, guest path, read-only) of the VM's shares: each gets an
+    /etc/fstab line (``nosuid,nodev,noexec``, ``ro`` for a read-only one, ``nofail`` so a
+    missing share never stops a boot), mounted at once and by systemd at every boot.
     """
     if not _INSTANCE_ID_RE.fullmatch(instance_id or ""):
         raise ValueError("the instance-id must be 1-128 of A-Z, a-z, 0-9, '.', '_' and '-'")
@@ -113,11 +118,29 @@ def seed_build(
         "package_reboot_if_required": False,
         "ntp": {"enabled": False},
     }
+    if mounts:
+        fstab = "".join(_fstab_line(tag, path, readonly) for tag, path, readonly in mounts)
+        user_data["write_files"] = [{"path": "/etc/fstab", "append": True, "content": fstab}]
+        user_data["runcmd"] = [
+            ["mkdir", "-p", *[path for _tag, path, _ro in mounts]],
+            *[["mount", path] for _tag, path, _ro in mounts],
+        ]
     files = {
         "meta-data": yaml_json(meta_data) + "\n",
         "user-data": "#cloud-config\n" + yaml_json(user_data) + "\n",
     }
     return _iso(files)
+
+
+_MOUNT_TAG_RE = re.compile(r"[a-z][a-z0-9-]{0,35}")
+_MOUNT_PATH_RE = re.compile(r"(/[a-z0-9][a-z0-9_-]*)+")
+
+
+def _fstab_line(tag: str, path: str, readonly: bool) -> str:
+    if not _MOUNT_TAG_RE.fullmatch(tag) or not _MOUNT_PATH_RE.fullmatch(path):
+        raise ValueError(f"a share is a-z tag and a plain absolute path, not {tag!r} {path!r}")
+    options = ("ro" if readonly else "rw") + ",nosuid,nodev,noexec,nofail"
+    return f"{tag} {path} virtiofs {options} 0 0\n"
 
 
 def _yaml_printable(char: str) -> bool:

@@ -72,18 +72,21 @@ def staff_page_channel(group_id: int) -> str:
 def operation_changed(*, operation: Operation) -> None:
     """An Operation was created or changed (queued, running, progress, succeeded, failed)."""
     operation_id = operation.pk
+    pagecache.vm_changed(vm_id=operation.vm_id)
     _after_commit(lambda: _publish_payload(operation_payload(operation_id=operation_id)))
 
 
 def vm_changed(*, vm: Vm) -> None:
     """A VM was created, placed or deleted, or its observed state changed."""
     vm_id = vm.pk
+    pagecache.vm_changed(vm_id=vm_id)
     _after_commit(lambda: _publish_payload(vm_payload(vm_id=vm_id)))
 
 
 def group_changed(*, group: Group) -> None:
     """A group changed: its status, its members, its project."""
     group_id = group.pk
+    pagecache.group_changed(group_id=group_id, course_id=group.course_id)
     _after_commit(lambda: _publish_payload(group_payload(group_id=group_id)))
 
 

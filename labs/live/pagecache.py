@@ -15,12 +15,12 @@ by the web processes and the workers) under keys that carry **versions**:
 
 A change gives each version it touches a new random value, so a key stored before it is
 never read again. Changes are seen twice: by ``labs.live.events`` (every event a service
-publishes, after commit) and by ``post_save``/``post_delete`` of the models the pages
-show (now, for the transaction's own reads, and again after commit, so that a page
-rendered by another process between the write and the commit cannot outlive it). What
+announces) and by ``post_save``/``post_delete`` of the models the pages show; both bump
+now, for the transaction's own reads, and again after commit, so that a page rendered
+by another process between the write and the commit cannot outlive it. What
 changes with the clock alone (a queued operation's wait, an idle warning's hour, the
 usage hours) is bounded by the parts' lifetimes: ``PAGE_CACHE_SECONDS`` (30 s) and 60 s
-for hours.
+for hours, counted on the site's clock (``span``).
 
 A cached part holds no viewer's CSRF token: it is rendered with ``slot()`` in the token's
 place, and each page puts its own viewer's token in (``for_page``); a push takes the slot
@@ -40,6 +40,7 @@ from django.core.cache import cache
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.template import Context, Template
+from django.utils import timezone
 from django.utils.safestring import SafeString, mark_safe
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,18 @@ def forget() -> None:
 
 
 def group_changed(*, group_id: int | None, course_id: int | None) -> None:
-    """Called after commit by ``labs.live.events`` for every event it publishes."""
+    """Called by ``labs.live.events`` for every event, when the service announces it (in
+    its transaction: the transaction's own reads) and after commit (everyone's)."""
     bump(*_group_names(group_id, course_id))
+
+
+def vm_changed(*, vm_id: int) -> None:
+    """An event about one VM (or one of its operations), in the service's transaction."""
+    from labs.models import Vm
+
+    row = Vm.objects.filter(pk=vm_id).values_list("group_id", "group__course_id").first()
+    if row is not None:
+        group_changed(group_id=row[0], course_id=row[1])
 
 
 def _group_names(group_id: int | None, course_id: int | None) -> list[str]:
@@ -172,6 +183,13 @@ def group_versions(group_id: int) -> str | None:
     return versions(f"g{group_id}", "all")
 
 
+def span(seconds: int) -> int:
+    """Which ``seconds``-long span of the site's clock this is: every key carries it, so
+    that a part is reused within one span of the clock the pages are computed with
+    (``timezone.now``, which tests move) and no longer."""
+    return int(timezone.now().timestamp() // max(seconds, 1))
+
+
 def group_key(group, audience: str, *, early: str | None) -> str | None:
     """The key of a group page's shared regions for one audience (``early``: the
     ``group_versions`` read before the group). ``updated_at`` makes a row saved (or a
@@ -179,7 +197,8 @@ def group_key(group, audience: str, *, early: str | None) -> str | None:
     course = versions(f"c{group.course_id}")
     if early is None or course is None:
         return None
-    return f"group:{group.pk}:{group.updated_at.timestamp()}:{audience}:{early}:{course}"
+    at = group.updated_at.timestamp()
+    return f"group:{group.pk}:{at}:{audience}:{early}:{course}:{span(seconds())}"
 
 
 def course_versions(course) -> str | None:
@@ -191,7 +210,8 @@ def course_key(course, part: str, *, names: str | None) -> str | None:
     """The key of one part of the overview (``names``: ``course_versions``)."""
     if names is None:
         return None
-    return f"course:{course.pk}:{course.created_at.timestamp()}:{part}:{names}"
+    ttl = HOURS_SECONDS if part == "usage" else seconds()
+    return f"course:{course.pk}:{course.created_at.timestamp()}:{part}:{names}:{span(ttl)}"
 
 
 def seconds() -> int:

@@ -107,6 +107,15 @@ class Course(models.Model):
         choices=IdleAction.choices,
         default=IdleAction.SAVE,
     )
+    # Shared files (labs/compute/shares.py): a group share and the course share in every
+    # VM made or reset while this is on (virtiofs: no live move, no suspend to disk).
+    shares = models.BooleanField(
+        "shared files",
+        default=False,
+        help_text="Every VM made or reset from now on mounts its group's share (/srv/group, "
+        "read-write) and the course share (/srv/course, read-only). Such VMs cannot be "
+        "suspended to disk or moved live; the clock shuts them down instead.",
+    )
     idle_cpu_percent = models.PositiveSmallIntegerField(
         "idle: CPU below (%)",
         default=5,

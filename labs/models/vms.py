@@ -54,6 +54,9 @@ class Vm(models.Model):
     ssh_keys = models.JSONField(default=list, blank=True)
     ssh_wanted_at = models.DateTimeField(null=True, blank=True)
     ssh_synced_at = models.DateTimeField(null=True, blank=True)
+    # Shared files (labs/compute/shares.py): its domain has the group and course shares
+    # (set from the course at provision and reset): no live move, no suspend to disk.
+    shares = models.BooleanField(default=False, editable=False)
     # Idle detection (labs/compute/idle.py): the last CPU sample and when use stopped.
     cpu_time_ns = models.BigIntegerField(null=True, blank=True)
     cpu_sampled_at = models.DateTimeField(null=True, blank=True)

@@ -28,7 +28,7 @@ from labs.drivers.base import (
     VmSpec,
     validate_snapshot_name,
 )
-from labs.drivers.libvirt import agent, archive, connection, images, migration
+from labs.drivers.libvirt import agent, archive, connection, images, migration, shares
 from labs.drivers.libvirt.errors import classify, error_code
 from labs.drivers.libvirt.ports import PortsMixin
 from labs.drivers.libvirt.storage import GiB, StorageMixin
@@ -297,12 +297,25 @@ class LibvirtDriver(StorageMixin, VolumesMixin, PortsMixin):
             elif state == libvirt.VIR_DOMAIN_PMSUSPENDED:
                 dom.pMWakeup(0)
             elif not dom.isActive():
+                self._shares_prepare(dom)
                 try:
                     dom.create()
                 except libvirt.libvirtError:
                     if not dom.isActive():  # someone else started it meanwhile: fine
                         raise
                 log.info("started %s on %s", dom.name(), self.host)
+
+    def _shares_prepare(self, dom: libvirt.virDomain) -> None:
+        """The host directories (and the read-only bind) of the domain's shares, before
+        it starts; nothing on the test driver, which runs no virtiofsd."""
+        if self.uri.startswith("test:"):
+            return
+        with self._errors(f"reading the shares of {dom.name()}"):
+            definition = parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        try:
+            shares.shares_prepare(definition)
+        except OSError as error:
+            raise HypervisorError(f"preparing the shares of {dom.name()}: {error}") from error
 
     def force_off(self, name: str) -> None:
         """Pull the plug; a VM that is off is left alone."""

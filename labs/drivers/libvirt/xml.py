@@ -11,6 +11,7 @@ from labs.drivers.base import (
     NOT_XML,
     TITLE_MAX,
     PortSpec,
+    ShareSpec,
     VmSpec,
     VolumeSpec,
 )
@@ -66,6 +67,11 @@ def build_domain_xml(
         for key, value in sorted(spec.metadata.items()):
             sub(vm, f"{{{STRATUS_NS}}}entry", text(value, limit=DESCRIPTION_MAX), key=key)
     sub(domain, "memory", str(spec.memory_mib), unit="MiB")
+    if spec.shares:
+        # virtiofsd reads the guest's memory: it must be shared (memfd, no hugepages).
+        backing = sub(domain, "memoryBacking")
+        sub(backing, "source", type="memfd")
+        sub(backing, "access", mode="shared")
     sub(domain, "vcpu", str(spec.vcpus), placement="static")
 
     os_el = sub(domain, "os")
@@ -102,6 +108,9 @@ def build_domain_xml(
     for index, volume in enumerate(spec.volumes):
         path = os.path.join(spec.storage_dir, volume.file_name)
         devices.append(volume_disk(volume, path=path, target=VOLUME_TARGETS[index]))
+
+    for share in spec.shares:
+        devices.append(share_filesystem(share))
 
     # The cloud kernel has no AHCI driver: the seed must be an IDE CD-ROM on the pc machine.
     cdrom = sub(devices, "disk", type="file", device="cdrom")
@@ -231,6 +240,22 @@ def volume_disk(volume: VolumeSpec, *, path: str, target: str) -> ET.Element:
 
 def volume_disk_xml(volume: VolumeSpec, *, path: str, target: str) -> str:
     return ET.tostring(volume_disk(volume, path=path, target=target), encoding="unicode")
+
+
+SHARE_ALIAS = "ua-share-"
+SHARE_ALIAS_RO = "ua-share-ro-"
+
+
+def share_filesystem(share: ShareSpec) -> ET.Element:
+    """A shared directory's <filesystem>: virtiofs, uids passed through, found by its tag.
+    The user alias says which share it is and, for the read-only one, that its source must
+    be a read-only mount on the host before the domain starts (libvirt/shares.py)."""
+    fs = ET.Element("filesystem", type="mount", accessmode="passthrough")
+    sub(fs, "driver", type="virtiofs")
+    sub(fs, "source", dir=share.source)
+    sub(fs, "target", dir=share.tag)
+    sub(fs, "alias", name=(SHARE_ALIAS_RO if share.readonly else SHARE_ALIAS) + share.tag)
+    return fs
 
 
 def volume_xml(name: str, *, capacity: int, fmt: str, backing: str | None = None) -> str:
