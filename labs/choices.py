@@ -84,6 +84,7 @@ class OperationKind(models.TextChoices):
     VOLUME_ATTACH = "volume_attach", "Attach volume"
     VOLUME_DETACH = "volume_detach", "Detach volume"
     VOLUME_DELETE = "volume_delete", "Delete volume"
+    NETWORK_SYNC = "network_sync", "Update group network"
 
     CAPTURE = "capture", "Capture as an image"
 

@@ -9,11 +9,13 @@
 - ``operations``: Operation and how the pages name who asked and why it waits
 - ``schedule``: the course clock's classes, holidays and the actions it took
 - ``volumes``: a group's block volumes
+- ``networks``: a group's private network (subnet, VNI)
 """
 
 from labs.models.courses import Course, Group, Membership, _default_time_zone
 from labs.models.hosts import Host, Image, VmTemplate, clock
 from labs.models.images import ImageCopy
+from labs.models.networks import GroupNetwork
 from labs.models.operations import (
     WAIT_NOTICE_SECONDS,
     Operation,
@@ -33,6 +35,7 @@ __all__ = [
     "ConsoleSession",
     "Course",
     "Group",
+    "GroupNetwork",
     "Host",
     "Image",
     "ImageCopy",

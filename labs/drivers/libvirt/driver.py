@@ -30,6 +30,7 @@ from labs.drivers.base import (
 )
 from labs.drivers.libvirt import agent, archive, connection, images, migration
 from labs.drivers.libvirt.errors import classify, error_code
+from labs.drivers.libvirt.networks import NetworksMixin
 from labs.drivers.libvirt.storage import GiB, StorageMixin
 from labs.drivers.libvirt.volumes import VolumesMixin
 from labs.drivers.libvirt.xml import build_domain_xml, parse, snapshot_xml, volume_xml
@@ -60,7 +61,7 @@ def _saved_or(dom: libvirt.virDomain, state: str) -> str:
     return state
 
 
-class LibvirtDriver(StorageMixin, VolumesMixin):
+class LibvirtDriver(StorageMixin, VolumesMixin, NetworksMixin):
     """The :class:`~labs.drivers.base.Driver` for one libvirt host (``qemu:///system``,
     ``qemu+ssh://…``, ``qemu+tls://…``).
 
