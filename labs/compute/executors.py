@@ -113,6 +113,9 @@ def provision(op: Operation) -> None:
     ssh_access.access_reset(vm, access, since=since)
     _running(vm, driver)
     if joined:
+        # Again: VMs of the group added while this one was being made are listed now
+        # (their own sync skipped this VM's host while it was busy).
+        driver.network_ensure(networks.network_spec(group=vm.group, host=vm.host))
         _group_network_tell_peers(vm)
 
 

@@ -27,6 +27,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from labs.choices import ACTIVE_OPERATION_STATUSES, OperationKind
+from labs.compute import dispatch
 from labs.drivers.base import (
     GroupNetworkSpec,
     GroupNic,
@@ -240,8 +241,6 @@ def peers_sync(*, vm: Vm) -> list[int]:
     added or removed, a host joined or left): a ``network_sync`` operation on one idle VM
     there. A host whose VMs are all busy is left: their operation (a provision, a start)
     brings the network up to date itself. The operations' ids."""
-    from labs.compute import dispatch
-
     sent = []
     for host in group_hosts(vm.group):
         if host.pk == vm.host_id:
