@@ -125,6 +125,14 @@ class Vm(models.Model):
         return (host.unreachable_since if host is not None else None) or self.observed_at
 
     @property
+    def group_network_label(self) -> str:
+        """ "vm2 · 10.200.3.17": the name the group's other VMs resolve and its address on
+        the group's private network; "" when it has none (its host has no group networks)."""
+        if not (self.group_ip and self.host and self.host.group_networks):
+            return ""
+        return f"{self.name} · {self.group_ip}"
+
+    @property
     def ssh_command(self) -> str:
         if not (self.host and self.ssh_port):
             return ""
