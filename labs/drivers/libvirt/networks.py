@@ -21,6 +21,7 @@ from labs.drivers.libvirt import vxlan
 from labs.drivers.libvirt.errors import error_code
 from labs.drivers.libvirt.xml import (
     GROUP_FILTER,
+    GROUP_FILTER_IPV4,
     dhcp_host_xml,
     dns_host_xml,
     group_filters_xml,
@@ -50,7 +51,17 @@ class NetworksMixin:
         """The group NICs' nwfilters, (re)defined: defining is idempotent, and a changed
         filter reaches running NICs at once."""
         with self._errors("defining the group network filters"):
-            for xml in group_filters_xml():
+            uuids = {}
+            for name in (GROUP_FILTER, GROUP_FILTER_IPV4):
+                try:
+                    uuids[name] = self._conn.nwfilterLookupByName(name).UUIDString()
+                except libvirt.libvirtError as error:
+                    if error_code(error) == libvirt.VIR_ERR_NO_SUPPORT:
+                        log.warning("host %s has no nwfilter support", self.host)
+                        return
+                    if error_code(error) != libvirt.VIR_ERR_NO_NWFILTER:
+                        raise
+            for xml in group_filters_xml(uuids):
                 try:
                     self._conn.nwfilterDefineXML(xml)
                 except libvirt.libvirtError as error:
@@ -92,42 +103,33 @@ class NetworksMixin:
         flags = _UPDATE if net.isActive() else _CONFIG_ONLY
         have = network_hosts(net.XMLDesc(0))
         want = set(spec.hosts)
+        # Stale entries out first: one MAC or address in two entries is refused.
         for host in have["dhcp"] - want:
             self._update(net, "delete", libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, host, flags)
         for host in sorted(want - have["dhcp"], key=lambda h: h.ip):
-            # One MAC or address in two entries is refused: take an old one out first.
-            for old in have["dhcp"]:
-                if old != host and (old.mac == host.mac or old.ip == host.ip):
-                    self._update(
-                        net, "delete", libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, old, flags
-                    )
             self._update(net, "add", libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST, host, flags)
         wanted_dns = {(h.ip, h.name) for h in want}
         for ip, name in have["dns"] - wanted_dns:
-            self._update(
-                net,
-                "delete",
-                libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-                NetworkHost("", ip, name),
-                flags,
-            )
+            self._dns_delete(net, ip, name, flags)
         for host in sorted(want, key=lambda h: h.ip):
             if (host.ip, host.name) not in have["dns"]:
                 self._update(net, "add", libvirt.VIR_NETWORK_SECTION_DNS_HOST, host, flags)
 
     def _update(self, net, command: str, section: int, host: NetworkHost, flags: int) -> None:
-        xml = dhcp_host_xml(host) if section == libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST else None
-        if xml is None:
-            xml = dns_host_xml(host)
+        self._update_xml(net, command, section, _entry_xml(section, host), host.name, flags)
+
+    def _update_xml(self, net, command: str, section: int, xml: str, what: str, flags: int):
         cmd = (
             libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST
             if command == "add"
             else libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE
         )
         net.update(cmd, section, -1, xml, flags)
-        log.info(
-            "network %s on %s: %s %s (%s)", net.name(), self.host, command, host.name, host.ip
-        )
+        log.info("network %s on %s: %s %s", net.name(), self.host, command, what)
+
+    def _dns_delete(self, net, ip: str, name: str, flags: int) -> None:
+        xml = dns_host_xml(ip=ip, name=name)
+        self._update_xml(net, "delete", libvirt.VIR_NETWORK_SECTION_DNS_HOST, xml, name, flags)
 
     def network_host_remove(self, spec: GroupNetworkSpec, host: NetworkHost) -> float:
         """``host``'s DHCP and DNS entries out of the group's network here (gone: fine)."""
@@ -145,8 +147,7 @@ class NetworksMixin:
                     )
             for ip, name in have["dns"]:
                 if ip == host.ip:
-                    entry = NetworkHost(host.mac, ip, name)
-                    self._update(net, "delete", libvirt.VIR_NETWORK_SECTION_DNS_HOST, entry, flags)
+                    self._dns_delete(net, ip, name, flags)
         return time.monotonic() - started
 
     def network_remove(self, spec: GroupNetworkSpec) -> float:
@@ -171,4 +172,7 @@ class NetworksMixin:
             )
 
 
-__all__ = ["GROUP_FILTER", "NetworksMixin"]
+def _entry_xml(section: int, host: NetworkHost) -> str:
+    if section == libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST:
+        return dhcp_host_xml(host)
+    return dns_host_xml(ip=host.ip, name=host.name)

@@ -248,8 +248,12 @@ def dhcp_host(host: NetworkHost) -> ET.Element:
 
 
 def dns_host(host: NetworkHost) -> ET.Element:
-    element = ET.Element("host", ip=host.ip)
-    sub(element, "hostname", host.name)
+    return _dns_host(ip=host.ip, name=host.name)
+
+
+def _dns_host(*, ip: str, name: str) -> ET.Element:
+    element = ET.Element("host", ip=ip)
+    sub(element, "hostname", name)
     return element
 
 
@@ -257,8 +261,8 @@ def dhcp_host_xml(host: NetworkHost) -> str:
     return ET.tostring(dhcp_host(host), encoding="unicode")
 
 
-def dns_host_xml(host: NetworkHost) -> str:
-    return ET.tostring(dns_host(host), encoding="unicode")
+def dns_host_xml(*, ip: str, name: str) -> str:
+    return ET.tostring(_dns_host(ip=ip, name=name), encoding="unicode")
 
 
 def network_hosts(xml: str) -> dict[str, set[NetworkHost]]:
@@ -299,7 +303,7 @@ def _rule(parent: ET.Element, action: str, priority: int, **ip: str) -> None:
     sub(rule, "ip", **ip)
 
 
-def group_filters_xml() -> list[str]:
+def group_filters_xml(uuids: dict[str, str] | None = None) -> list[str]:
     """The two nwfilters of group NICs, the inner one first (libvirt refuses a reference
     to a filter it does not know).
 
@@ -324,4 +328,11 @@ def group_filters_xml() -> list[str]:
     outer = ET.Element("filter", name=GROUP_FILTER, chain="root")
     sub(outer, "filterref", filter="clean-traffic")
     sub(outer, "filterref", filter=GROUP_FILTER_IPV4)
+    for element in (inner, outer):
+        # A filter that exists is redefined under its own uuid (libvirt refuses the name
+        # with another): a changed rule reaches the running NICs.
+        uuid = (uuids or {}).get(element.get("name", ""))
+        if uuid:
+            element.insert(0, ET.Element("uuid"))
+            element[0].text = uuid
     return [ET.tostring(f, encoding="unicode") for f in (inner, outer)]
