@@ -29,10 +29,25 @@ def device_name(bridge: str) -> str:
 
 @contextmanager
 def _ipr(netns: str):
-    from pyroute2 import IPRoute, NetlinkError  # noqa: F401 - imported where it is used
+    """A netlink socket in ``netns`` ("": this process's own).
+
+    The socket is made while this thread is in the namespace (setns, then back): a
+    netlink socket belongs to the namespace it was made in. Not ``IPRoute(netns=...)``,
+    which makes it in a forked child: in a Celery prefork worker the pool process was
+    then ended by SIGTERM.
+    """
+    from pyroute2 import IPRoute, NetlinkError
+    from pyroute2 import netns as namespaces
 
     try:
-        ipr = IPRoute(netns=netns) if netns else IPRoute()
+        if netns:
+            namespaces.pushns(netns)
+            try:
+                ipr = IPRoute()
+            finally:
+                namespaces.popns()
+        else:
+            ipr = IPRoute()
     except (OSError, NetlinkError) as error:
         raise HypervisorError(f"cannot open network namespace {netns!r}: {error}") from error
     try:
