@@ -65,7 +65,7 @@ def vm_seed(vm: Vm, access: ssh_access.Access) -> bytes:
     return cloudinit.seed_build(
         network_config=None
         if nic is None
-        else cloudinit.network_config_two_nics(group_mac=nic.mac, mtu=networks.MTU),
+        else cloudinit.network_config_two_nics(group_mac=nic.mac),
         instance_id=vm.instance_id,
         hostname=cloudinit.hostname_for(f"{vm.group.name}-{vm.name}"),
         login_user=access.accounts[0],

@@ -130,7 +130,7 @@ def seed_build(
     return _iso(files)
 
 
-def network_config_two_nics(*, group_mac: str, mtu: int, slirp_mac: str = "") -> dict:
+def network_config_two_nics(*, group_mac: str, slirp_mac: str = "") -> dict:
     """NoCloud network-config (version 1, NICs matched by MAC) for a VM with a group NIC.
 
     cloud-init's fallback brings up one NIC only. The management NIC (slirp) gets its
@@ -153,7 +153,9 @@ def network_config_two_nics(*, group_mac: str, mtu: int, slirp_mac: str = "") ->
                 "type": "physical",
                 "name": "grp0",
                 "mac_address": group_mac,
-                "mtu": mtu,
+                # No "mtu" here: ifupdown takes no mtu option for a dhcp interface. The
+                # guest gets it from the NIC (libvirt gives virtio the network's MTU) and
+                # from DHCP (dnsmasq sends it).
                 "subnets": [{"type": "dhcp"}],
             },
         ],
