@@ -127,13 +127,16 @@ def tunnel_remove(tunnel: TunnelSpec, *, bridge: str, host: str) -> None:
 
 
 def tunnel_peers(netns: str, bridge: str) -> list[tuple[str, int]]:
-    """Where the group's VXLAN device on this host floods to (tests)."""
+    """Where the group's VXLAN device on this host floods to, (address, UDP port) each
+    (the kernel leaves the port out of an entry that uses the device's own)."""
     with _ipr(netns) as ipr:
         index = _index(ipr, device_name(bridge))
         if index is None:
             return []
+        (link,) = ipr.get_links(index)
+        own = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA").get_attr("IFLA_VXLAN_PORT")
         return sorted(
-            (e.get_attr("NDA_DST"), e.get_attr("NDA_PORT"))
+            (e.get_attr("NDA_DST"), e.get_attr("NDA_PORT") or own)
             for e in ipr.fdb("dump", ifindex=index)
             if e.get_attr("NDA_DST")
         )
