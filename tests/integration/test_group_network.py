@@ -327,28 +327,35 @@ def test_group_vms_on_two_hosts_reach_each_other_by_name_and_another_group_sees_
         neighbours = on(ns_a, vmb, key_b, "ip neigh show dev grp0").stdout.lower()
         assert vm1.group_mac not in neighbours and vm2.group_mac not in neighbours
 
-        # An entry added live (what a new VM of the group gets on every host): vm1
-        # resolves it at once; taken out, it is gone.
-        spec = networks.network_spec(group=vm1.group, host=h1)
+        print(
+            f"\ngroup network: boot to SSH {booted:.0f} s; vm1->vm2 RTT {rtts} ms; DHCP {dhcp_s:.2f} s"
+        )
+
+        # An entry added live on every host of the group (what a new VM of the group gets;
+        # a guest's resolver may be any host's dnsmasq, the VXLAN makes them one segment):
+        # vm1 resolves it at once; taken out, it is gone.
         extra = NetworkHost(
             mac="52:54:01:ff:ff:01", ip=net_a.subnet.rsplit(".", 1)[0] + ".200", name="vm9"
         )
-        driver = driver_for(h1)
-        added = time.monotonic()
-        driver.network_ensure(replace(spec, hosts=(*spec.hosts, extra)))
-        add_s = time.monotonic() - added
+        specs = [(h, networks.network_spec(group=vm1.group, host=h)) for h in (h1, h2)]
+        add_s = []
+        for h, spec in specs:
+            driver = driver_for(h)
+            added = time.monotonic()
+            driver.network_ensure(replace(spec, hosts=(*spec.hosts, extra)))
+            add_s.append(round(time.monotonic() - added, 2))
         assert on(ns_a, vm1, key_a, "getent hosts vm9").stdout.split()[:1] == [extra.ip]
-        driver.network_ensure(spec)
+        for h, spec in specs:
+            driver_for(h).network_ensure(spec)
+            driver_for(h).close()
         assert on(ns_a, vm1, key_a, "getent hosts vm9").returncode != 0
-        driver.close()
 
         sync_times = [
             op.params.get("timings", {}).get("group_network_s")
             for op in Operation.objects.filter(kind=OperationKind.NETWORK_SYNC)
         ]
         print(
-            f"\ngroup network: boot to SSH {booted:.0f} s; vm1->vm2 RTT {rtts} ms; "
-            f"DHCP {dhcp_s:.2f} s; entry added live {add_s:.2f} s; network_sync {sync_times}; "
+            f"group network: entry added live {add_s} s; network_sync {sync_times}; "
             f"provision network step {[o.params.get('timings') for o in (op1, op2, opb)]}"
         )
         assert Vm.objects.filter(group=vm1.group, group_ip__isnull=False).count() == 2
