@@ -328,7 +328,8 @@ def test_group_vms_on_two_hosts_reach_each_other_by_name_and_another_group_sees_
         assert vm1.group_mac not in neighbours and vm2.group_mac not in neighbours
 
         print(
-            f"\ngroup network: boot to SSH {booted:.0f} s; vm1->vm2 RTT {rtts} ms; DHCP {dhcp_s:.2f} s"
+            f"\ngroup network: boot to SSH {booted:.0f} s; vm1->vm2 RTT {rtts} ms; "
+            f"DHCP {dhcp_s:.2f} s"
         )
 
         # An entry added live on every host of the group (what a new VM of the group gets;
