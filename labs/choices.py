@@ -86,6 +86,7 @@ class OperationKind(models.TextChoices):
     VOLUME_DELETE = "volume_delete", "Delete volume"
     PORT_PUBLISH = "port_publish", "Publish port"
     PORT_UNPUBLISH = "port_unpublish", "Unpublish port"
+    NETWORK_SYNC = "network_sync", "Update group network"
 
     CAPTURE = "capture", "Capture as an image"
 

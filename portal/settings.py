@@ -267,6 +267,12 @@ STRATUS_ARCHIVE_DIR = env_str("STRATUS_ARCHIVE_DIR", "/var/lib/stratus/archive")
 VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
 # How long an SSH-access update waits for a guest's agent (a guest just started boots first).
 GUEST_AGENT_TIMEOUT = env_int("GUEST_AGENT_TIMEOUT", 120)
+# A private network per group (labs/compute/networks.py, docs/group-networks.md): on hosts
+# whose ``group_networks`` is set, every VM gets a second NIC on its group's own segment.
+# Each group gets one /24 of the pool; VXLAN between hosts uses a VNI per group.
+GROUP_NETWORKS = env_bool("GROUP_NETWORKS", True)
+GROUP_NETWORK_POOL = env_str("GROUP_NETWORK_POOL", "10.200.0.0/16")
+GROUP_NETWORK_VNI_BASE = env_int("GROUP_NETWORK_VNI_BASE", 10000)
 # How long a running guest may take to let a detached block volume go (seconds).
 VOLUME_DETACH_TIMEOUT = env_int("VOLUME_DETACH_TIMEOUT", 30)
 # Published ports (labs/compute/ports.py, docs/networking.md): a new course's defaults for

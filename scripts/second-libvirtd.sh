@@ -12,13 +12,20 @@
 # network definitions at all (never a NAT network; see ../shared/LIBVIRT-NOTES.md). Files
 # outside those directories (base images, VM storage directories) are the machine's own,
 # as they would be on a host that has the same images.
+#
+# SECOND_LIBVIRTD_NETNS=NAME runs it inside the existing network namespace NAME as well
+# (`ip netns add NAME` first): a test host whose bridges, dnsmasq and guests' forwards are
+# that namespace's, never the machine's. It then listens on no TCP port at all and is
+# reached through its unix socket: the URI printed is qemu+unix:///system?socket=....
 set -euo pipefail
 
 action=${1:?usage: $0 start|stop [STATE_DIR]}
 state=${2:-/var/lib/stratus/hv2}
 address=${SECOND_LIBVIRTD_ADDRESS:-127.0.0.2}
 port=${SECOND_LIBVIRTD_PORT:-16510}
+netns=${SECOND_LIBVIRTD_NETNS:-}
 uri="qemu+tcp://$address:$port/system"
+[[ -z $netns ]] || uri="qemu+unix:///system?socket=$state/run/libvirt-sock"
 pidfile=$state/libvirtd.pid
 [[ $(id -u) -eq 0 ]] || { echo "$0: run as root (it mounts and starts a daemon)" >&2; exit 1; }
 
@@ -48,10 +55,8 @@ start)
 
 # scripts/second-libvirtd.sh: the second host, on the loopback only
 listen_tls = 0
-listen_tcp = 1
-listen_addr = "$address"
-tcp_port = "$port"
-auth_tcp = "none"
+$(if [[ -n $netns ]]; then echo "listen_tcp = 0  # in network namespace $netns: unix socket only"; else
+  printf 'listen_tcp = 1\nlisten_addr = "%s"\ntcp_port = "%s"\nauth_tcp = "none"' "$address" "$port"; fi)
 host_uuid = "$(cat "$state/host_uuid")"
 EOF
   } >"$state/etc/libvirtd.conf"
@@ -69,14 +74,24 @@ stdio_handler = "file"
 EOF
   } >"$state/etc/qemu.conf"
   # The daemon keeps the namespace: the mounts exist for it and its QEMUs only.
-  unshare --mount --propagation private -- bash -euc '
-    mount --bind "$1/etc" /etc/libvirt
-    mount --bind "$1/run" /run/libvirt
-    mount --bind "$1/lib" /var/lib/libvirt
-    mount --bind "$1/cache" /var/cache/libvirt
-    mount --bind "$1/log" /var/log/libvirt
-    exec libvirtd --listen --daemon --pid-file "$1/libvirtd.pid"
-  ' _ "$state"
+  # `ip netns exec` (not nsenter) for a namespace: /sys then shows the namespace's own
+  # interfaces, which libvirt reads to manage its bridges.
+  in_netns=()
+  listen=(--listen)
+  if [[ -n $netns ]]; then
+    in_netns=(ip netns exec "$netns")
+    listen=()
+  fi
+  "${in_netns[@]}" unshare --mount --propagation private -- bash -euc '
+    state=$1
+    shift
+    mount --bind "$state/etc" /etc/libvirt
+    mount --bind "$state/run" /run/libvirt
+    mount --bind "$state/lib" /var/lib/libvirt
+    mount --bind "$state/cache" /var/cache/libvirt
+    mount --bind "$state/log" /var/log/libvirt
+    exec libvirtd "$@" --daemon --pid-file "$state/libvirtd.pid"
+  ' _ "$state" "${listen[@]}"
   for _ in $(seq 100); do
     answering && { echo "$uri"; exit 0; }
     sleep 0.2

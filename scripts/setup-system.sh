@@ -9,7 +9,9 @@ set -euo pipefail
 profile=${1:-run}
 packages=(ca-certificates make openssh-client
           # building the base image (labs/tooling/images.py BUILD_PACKAGES)
-          mmdebstrap debian-archive-keyring qemu-utils e2fsprogs fdisk grub-common)
+          mmdebstrap debian-archive-keyring qemu-utils e2fsprogs fdisk grub-common
+          # group networks: libvirt runs dnsmasq for each group's DHCP and DNS
+          dnsmasq-base)
 case $profile in
   run) ;;
   # docker-compose lints docker-compose.yml (tests/test_deploy_files.py); no engine needed.

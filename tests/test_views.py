@@ -4,7 +4,7 @@ import pytest
 from django.urls import reverse
 
 from labs.choices import GroupStatus
-from labs.models import Group
+from labs.models import Group, Host
 from labs.people.groups import group_approve, group_reject
 
 pytestmark = pytest.mark.django_db
@@ -373,3 +373,30 @@ def test_the_group_page_makes_as_many_queries_for_three_busy_vms_as_for_one(
         Operation.objects.create(vm=vm, kind="stop", status="failed", error="no")
     make_vm(group_b, name="vm1")  # other groups' VMs change nothing either
     assert queries() == one
+
+
+@pytest.mark.parametrize("who", ["alice", "bob", "ines"])
+def test_the_group_page_shows_each_vms_name_and_address_on_the_group_network(
+    client_for, request, group_a, make_vm, who
+):
+    vm = make_vm(group_a, name="vm2", group_ip="10.200.3.17", group_mac="52:54:01:00:00:02")
+    Host.objects.filter(pk=vm.host_id).update(group_networks=True)
+    page = client_for(request.getfixturevalue(who)).get(detail(group_a)).content.decode()
+    assert "Group network: <code>vm2 · 10.200.3.17</code>" in page
+
+
+def test_a_vm_on_a_host_without_group_networks_shows_no_group_address(
+    client_for, alice, group_a, make_vm
+):
+    make_vm(group_a, name="vm2", group_ip="10.200.3.17", group_mac="52:54:01:00:00:02")
+    page = client_for(alice).get(detail(group_a)).content.decode()
+    assert "Group network:" not in page
+
+
+def test_another_groups_member_sees_nothing_of_the_group_network(
+    client_for, carol, group_a, group_b, make_vm
+):
+    vm = make_vm(group_a, name="vm2", group_ip="10.200.3.17", group_mac="52:54:01:00:00:02")
+    Host.objects.filter(pk=vm.host_id).update(group_networks=True)
+    response = client_for(carol).get(detail(group_a))
+    assert response.status_code == 404 and b"10.200.3.17" not in response.content

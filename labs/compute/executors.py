@@ -13,7 +13,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from labs.choices import DesiredState, NetworkMode, ObservedState, PortState, VolumeState
-from labs.compute import shares, ssh_access
+from labs.compute import networks, shares, ssh_access
 from labs.compute.image_copies import image_for_reset
 from labs.compute.records import (
     NO_CONSOLE,
@@ -54,6 +54,7 @@ def vm_spec(vm: Vm) -> VmSpec:
         volumes=tuple(volume_spec(v) for v in vm.volumes.order_by("pk")),
         ports=port_specs(vm) if user_mode else (),
         shares=shares.share_specs(vm),
+        group_nic=networks.nic_spec(vm),
     )
 
 
@@ -76,8 +77,13 @@ def volume_spec(volume: Volume) -> VolumeSpec:
 
 
 def vm_seed(vm: Vm, access: ssh_access.Access) -> bytes:
-    """The cloud-init seed: the group's key for the login user and every member."""
+    """The cloud-init seed: the group's key for the login user and every member (and,
+    with a group NIC, the network-config that brings both NICs up)."""
+    nic = networks.nic_spec(vm)
     return cloudinit.seed_build(
+        network_config=None
+        if nic is None
+        else cloudinit.network_config_two_nics(group_mac=nic.mac),
         instance_id=vm.instance_id,
         hostname=cloudinit.hostname_for(f"{vm.group.name}-{vm.name}"),
         login_user=access.accounts[0],
@@ -105,18 +111,54 @@ def _shares_from_course(vm: Vm) -> None:
     Vm.objects.filter(pk=vm.pk).update(shares=vm.shares)
 
 
+def _group_network_up(op: Operation, driver) -> bool:
+    """The VM's group network on its host made to hold the group as it is now (before
+    its domain starts: the NIC needs the network). Whether the VM has a group NIC."""
+    vm = op.vm
+    if not networks.vm_network_join(vm=vm):
+        return False
+    operation_progress(op)("preparing the group network")
+    seconds = driver.network_ensure(networks.network_spec(group=vm.group, host=vm.host))
+    _timings(op, group_network_s=seconds)
+    return True
+
+
+def _group_network_tell_peers(vm: Vm) -> None:
+    """The group's other hosts learn about the VM (its DHCP/DNS entry, this host as a
+    VXLAN peer): a ``network_sync`` on each."""
+    networks.peers_sync(vm=vm)
+
+
 def provision(op: Operation) -> None:
     vm = op.vm
     _shares_from_course(vm)
     driver = driver_of(vm)
+    joined = _group_network_up(op, driver)
     since, access = timezone.now(), ssh_access.access_wanted(vm)
     driver.provision(vm_spec(vm), seed_iso=vm_seed(vm, access), progress=operation_progress(op))
     ssh_access.access_reset(vm, access, since=since)
     _running(vm, driver)
+    if joined:
+        # Again: VMs of the group added while this one was being made are listed now
+        # (their own sync skipped this VM's host while it was busy).
+        driver.network_ensure(networks.network_spec(group=vm.group, host=vm.host))
+        _group_network_tell_peers(vm)
+
+
+def network_sync(op: Operation) -> None:
+    """The group's network on the VM's host brought up to date (entries, VXLAN peers)."""
+    vm = op.vm
+    driver = driver_of(vm)
+    if not networks.enabled_on(vm.host):
+        return
+    spec = networks.network_spec(group=vm.group, host=vm.host)
+    _timings(op, group_network_s=driver.network_ensure(spec))
 
 
 def start(op: Operation) -> None:
     driver = driver_of(op.vm)
+    if op.vm.group_ip:
+        _group_network_up(op, driver)  # a host rebooted since: its network comes back
     driver.start(op.vm.domain_name)
     _desire(op.vm, DesiredState.RUNNING)
     _running(op.vm, driver)
@@ -264,6 +306,7 @@ def reset(op: Operation) -> None:
     _shares_from_course(vm)
     vm_consoles_close(vm, "the VM is being reset to its baseline")
     driver = driver_of(vm)
+    _group_network_up(op, driver)
     since, access = timezone.now(), ssh_access.access_wanted(vm)
     driver.reset(vm_spec(vm), seed_iso=vm_seed(vm, access), progress=operation_progress(op))
     ssh_access.access_reset(vm, access, since=since)
@@ -292,12 +335,32 @@ def ssh_sync(op: Operation) -> None:
 def delete(op: Operation) -> None:
     vm = op.vm
     vm_consoles_close(vm, "the VM is being deleted")
-    driver_of(vm).delete(vm_spec(vm))
+    driver = driver_of(vm)
+    driver.delete(vm_spec(vm))
     Snapshot.objects.filter(vm=vm).delete()
     volumes_release(vm)
     Publication.objects.filter(vm=vm).delete()  # its host ports are free again
+    if vm.group_ip:
+        _group_network_leave(op, vm, driver)
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
     vm_observe(vm, ObservedState.DELETED, "")
+
+
+def _group_network_leave(op: Operation, vm: Vm, driver) -> None:
+    """The deleted VM's entry out of its host's group network (the network itself when
+    it was the group's last VM there), its address freed, the other hosts told."""
+    entry = networks.network_host(vm)
+    if networks.enabled_on(vm.host) and entry is not None:
+        spec = networks.network_spec(group=vm.group, host=vm.host, leaving=vm)
+        others_here = any(
+            v.host_id == vm.host_id for v in networks.group_vms(vm.group) if v.pk != vm.pk
+        )
+        if others_here:
+            _timings(op, group_network_s=driver.network_host_remove(spec, entry))
+        else:
+            _timings(op, group_network_s=driver.network_remove(spec))
+    networks.vm_network_leave(vm=vm)
+    _group_network_tell_peers(vm)
 
 
 def volumes_release(vm: Vm) -> None:

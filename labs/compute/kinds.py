@@ -146,6 +146,14 @@ CATALOGUE: dict[str, Kind] = {
             confirm="Delete this VM with its disk and snapshots? This cannot be undone.",
         ),
         Kind(
+            # Asked for by Stratus when the group's network changed on another host
+            # (labs/compute/networks.py): this VM's host brings its copy up to date.
+            OperationKind.NETWORK_SYNC,
+            executors.network_sync,
+            accepts=_CREATED,
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
             OperationKind.SSH_SYNC,
             executors.ssh_sync,
             accepts=frozenset({S.RUNNING}),

@@ -1,6 +1,7 @@
 """Asking for VMs and for operations on them: the services views, the admin and commands
 call. Each checks the access policy and the catalogue, then hands the row to dispatch."""
 
+import logging
 import uuid
 from datetime import timedelta
 
@@ -12,11 +13,13 @@ from django.utils import timezone
 from labs import access
 from labs.access import Action
 from labs.choices import GroupStatus, OperationKind
-from labs.compute import dispatch, kinds, placement, quotas, term, usage
+from labs.compute import dispatch, kinds, networks, placement, quotas, term, usage
 from labs.compute.kinds import Audience
 from labs.errors import Invalid, NotAllowed, Refused
 from labs.live import events
 from labs.models import Group, Operation, Vm, VmTemplate
+
+log = logging.getLogger(__name__)
 
 
 def _next_vm_name(group: Group) -> str:
@@ -37,7 +40,13 @@ def _vm_new(*, group: Group, template: VmTemplate, by: AbstractBaseUser | None) 
         disk_gib=template.disk_gib,
         instance_id=uuid.uuid4().hex,
     )
-    placement.vm_place(vm=vm)
+    if placement.vm_place(vm=vm):
+        # Its group-network address now, so that the group's other hosts, whose networks
+        # are being made at the same time, already list it (labs/compute/networks.py).
+        try:
+            networks.vm_network_join(vm=vm)
+        except Refused as refusal:  # the provision says so on the VM
+            log.warning("%s: no group network address yet: %s", vm, refusal)
     dispatch.operation_create(vm=vm, kind=OperationKind.PROVISION, by=by)
     events.vm_changed(vm=vm)
     return vm

@@ -18,6 +18,7 @@ already gone is a no-op. The libvirt driver (``labs.drivers.libvirt``) is the on
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import uuid as uuidlib
@@ -132,6 +133,112 @@ class PortSpec:
             raise HypervisorError(f"invalid guest port {self.guest_port!r}: 1-65535")
 
 
+_NET_NAME_RE = re.compile(r"stx-g[0-9]{1,11}")
+_NET_BRIDGE_RE = re.compile(r"stxg[0-9]{1,11}")
+_HOSTNAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _ipv4(value: str) -> ipaddress.IPv4Address | None:
+    try:
+        return ipaddress.IPv4Address(value)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class NetworkHost:
+    """One VM on a group network: the group's DHCP gives ``mac`` the address ``ip`` and
+    its DNS answers ``name`` (the VM's name, e.g. ``vm2``) with it."""
+
+    mac: str
+    ip: str
+    name: str
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _MAC_RE.fullmatch(self.mac or ""):
+            problems.append("the MAC address must look like 52:54:00:12:34:56 (lower case)")
+        if _ipv4(self.ip) is None:
+            problems.append("the address must be IPv4")
+        if not _HOSTNAME_RE.fullmatch(self.name or ""):
+            problems.append("the name must be a DNS label (a-z, 0-9, '-')")
+        if problems:
+            raise HypervisorError(f"invalid network host {self.name!r}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class TunnelPeer:
+    address: str  # its underlay address
+    port: int  # its VXLAN UDP port
+
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """The group's VXLAN device on one host: VNI, this host's underlay address and UDP
+    port, the network namespace its libvirtd runs in ("": the worker's own) and the
+    group's other hosts (head-end replication: one all-zero FDB entry per peer)."""
+
+    vni: int
+    local: str
+    port: int
+    netns: str = ""
+    peers: tuple[TunnelPeer, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupNetworkSpec:
+    """A group's private network on one host: an isolated libvirt network (no
+    <forward>), its bridge, this host's address in the subnet (DHCP and DNS are served
+    there and nothing else of the host: the ``stratus-group`` nwfilter), a static DHCP and
+    DNS entry per VM, and a VXLAN tunnel to the group's other hosts when it spans some."""
+
+    name: str  # "stx-g<group id>"
+    bridge: str  # "stxg<group id>"
+    subnet: str  # "10.200.3.0/24"
+    gateway: str  # this host's address in the subnet's reserved first /28
+    hosts: tuple[NetworkHost, ...] = ()
+    mtu: int = 1450
+    tunnel: TunnelSpec | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _NET_NAME_RE.fullmatch(self.name or ""):
+            problems.append("the name must be stx-g<number>")
+        if not _NET_BRIDGE_RE.fullmatch(self.bridge or ""):
+            problems.append("the bridge must be stxg<number>")
+        try:
+            subnet = ipaddress.IPv4Network(self.subnet)
+        except (ValueError, TypeError):
+            subnet = None
+            problems.append("the subnet must be an IPv4 network such as 10.200.3.0/24")
+        gateway = _ipv4(self.gateway)
+        if subnet is not None and (gateway is None or gateway not in subnet):
+            problems.append("the gateway must be an address of the subnet")
+        if subnet is not None:
+            for host in self.hosts:
+                if ipaddress.IPv4Address(host.ip) not in subnet:
+                    problems.append(f"{host.name}'s address {host.ip} is not in the subnet")
+        if not 576 <= self.mtu <= 9000:
+            problems.append("the MTU must be between 576 and 9000")
+        if problems:
+            raise HypervisorError(f"invalid group network {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def netmask(self) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).netmask)
+
+
+@dataclass(frozen=True)
+class GroupNic:
+    """A VM's NIC on its group network: virtio, its MAC, filtered by ``stratus-group``
+    (clean-traffic: only its own MAC and ``ip``; the host reachable for DHCP/DNS only)."""
+
+    network: str  # the libvirt network's name
+    mac: str
+    ip: str
+    subnet: str  # the group's subnet (the filter's parameters)
+
+
 @dataclass(frozen=True)
 class VmSpec:
     """Everything the hypervisor needs to build one VM. Validated on construction."""
@@ -159,6 +266,8 @@ class VmSpec:
     ports: tuple[PortSpec, ...] = ()
     # Shared directories (virtiofs; the domain then has shared memory): see ShareSpec.
     shares: tuple[ShareSpec, ...] = ()
+    # Its second NIC, on the group's private network (None: the host has none).
+    group_nic: GroupNic | None = None
 
     def __post_init__(self) -> None:
         problems = _spec_problems(self)
@@ -401,3 +510,10 @@ class Driver(Protocol):
 
     # Room for what the next issues add behind the same seam:
     # networks (define, attach a NIC).
+    # group networks (labs/compute/networks.py): the group's network on this host made to
+    # hold exactly ``spec`` (defined and started if missing, DHCP/DNS entries added and
+    # removed live, its VXLAN tunnel and peers set); one VM's entry taken out live; the
+    # network removed once no VM of the group runs here. Each returns seconds.
+    def network_ensure(self, spec: GroupNetworkSpec) -> float: ...
+    def network_host_remove(self, spec: GroupNetworkSpec, host: NetworkHost) -> float: ...
+    def network_remove(self, spec: GroupNetworkSpec) -> float: ...

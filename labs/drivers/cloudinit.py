@@ -32,7 +32,14 @@ RESERVED_USERNAMES = frozenset(
         "sudo", "adm", "staff", "users", "operator", "halt", "shutdown", "ftp",
     }
 )  # fmt: skip
-_FILES = {"meta-data": "/METADATA.;1", "user-data": "/USERDATA.;1"}
+_FILES = {
+    "meta-data": "/METADATA.;1",
+    "user-data": "/USERDATA.;1",
+    "network-config": "/NETWORKC.;1",
+}
+# QEMU's slirp network and the MAC its NIC has in every VM unless one is set.
+SLIRP_MAC = "52:54:00:12:34:56"
+SLIRP_ADDRESS, SLIRP_GATEWAY = "10.0.2.15/24", "10.0.2.2"
 
 
 def hostname_for(text: str) -> str:
@@ -72,6 +79,7 @@ def seed_build(
     extra_users: list[str],
     ssh_public_key: str,
     mounts: tuple[tuple[str, str, bool], ...] = (),
+    network_config: dict | None = None,
 ) -> bytes:
     """The NoCloud seed ISO for one VM.
 
@@ -129,6 +137,8 @@ def seed_build(
         "meta-data": yaml_json(meta_data) + "\n",
         "user-data": "#cloud-config\n" + yaml_json(user_data) + "\n",
     }
+    if network_config is not None:
+        files["network-config"] = yaml_json(network_config) + "\n"
     return _iso(files)
 
 
@@ -141,6 +151,38 @@ def _fstab_line(tag: str, path: str, readonly: bool) -> str:
         raise ValueError(f"a share is a-z tag and a plain absolute path, not {tag!r} {path!r}")
     options = ("ro" if readonly else "rw") + ",nosuid,nodev,noexec,nofail"
     return f"{tag} {path} virtiofs {options} 0 0\n"
+
+
+def network_config_two_nics(*, group_mac: str, slirp_mac: str = "") -> dict:
+    """NoCloud network-config (version 1, NICs matched by MAC) for a VM with a group NIC.
+
+    cloud-init's fallback brings up one NIC only. The management NIC (slirp) gets its
+    fixed address statically, so that only the group NIC's DHCP client writes
+    /etc/resolv.conf: the group's dnsmasq then answers the VMs' names (``vm2``). The
+    group network gives no default route (an isolated network's DHCP offers none).
+    """
+    return {
+        "version": 1,
+        "config": [
+            {
+                "type": "physical",
+                "name": "slirp0",
+                "mac_address": slirp_mac or SLIRP_MAC,
+                "subnets": [
+                    {"type": "static", "address": SLIRP_ADDRESS, "gateway": SLIRP_GATEWAY}
+                ],
+            },
+            {
+                "type": "physical",
+                "name": "grp0",
+                "mac_address": group_mac,
+                # No "mtu" here: ifupdown takes no mtu option for a dhcp interface. The
+                # guest gets it from the NIC (libvirt gives virtio the network's MTU) and
+                # from DHCP (dnsmasq sends it).
+                "subnets": [{"type": "dhcp"}],
+            },
+        ],
+    }
 
 
 def _yaml_printable(char: str) -> bool:

@@ -10,11 +10,13 @@
 - ``schedule``: the course clock's classes, holidays and the actions it took
 - ``volumes``: a group's block volumes
 - ``ports``: published ports (a guest port forwarded from its host's address)
+- ``networks``: a group's private network (subnet, VNI)
 """
 
 from labs.models.courses import Course, Group, Membership, _default_time_zone
 from labs.models.hosts import Host, Image, VmTemplate, clock
 from labs.models.images import ImageCopy
+from labs.models.networks import GroupNetwork
 from labs.models.operations import (
     WAIT_NOTICE_SECONDS,
     Operation,
@@ -35,6 +37,7 @@ __all__ = [
     "ConsoleSession",
     "Course",
     "Group",
+    "GroupNetwork",
     "Host",
     "Image",
     "ImageCopy",

@@ -72,6 +72,30 @@ class Host(models.Model):
         help_text="The host's SSH public key (one line, 'ssh-ed25519 AAAA…'), pinned: a "
         "server without it is refused.",
     )
+    # Group networks (labs/compute/networks.py, docs/group-networks.md): off unless the
+    # operator turns them on for the host, so a host that is also someone's desktop (the
+    # demo, the tests' own libvirtd) never gets a bridge.
+    group_networks = models.BooleanField(
+        default=False,
+        help_text="Give this host's VMs a second NIC on their group's private network "
+        "(a libvirt network per group, VXLAN to the group's other hosts).",
+    )
+    tunnel_address = models.GenericIPAddressField(
+        "tunnel address",
+        null=True,
+        blank=True,
+        help_text="The underlay address other hosts send this host's VXLAN traffic to.",
+    )
+    vxlan_port = models.PositiveIntegerField(
+        "VXLAN UDP port", default=4789, help_text="The UDP port this host's VXLAN devices use."
+    )
+    netns = models.CharField(
+        "network namespace",
+        max_length=64,
+        blank=True,
+        help_text="The network namespace the host's libvirtd runs in, as `ip netns` names "
+        "it; empty (production): the worker's own.",
+    )
     last_seen_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True)
     # Set by reconcile when the host first fails to answer, cleared when it answers again.
@@ -98,6 +122,11 @@ class Host(models.Model):
                 name="host_published_port_range",
                 violation_error_message="Published ports are a range within 1024-65535, apart "
                 "from the SSH ports.",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(vxlan_port__gte=1) & models.Q(vxlan_port__lte=65535),
+                name="host_vxlan_port_range",
+                violation_error_message="The VXLAN port is a UDP port, 1-65535.",
             ),
             models.CheckConstraint(
                 condition=~models.Q(network_mode=NetworkMode.BRIDGE) | ~models.Q(bridge=""),

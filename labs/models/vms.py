@@ -62,6 +62,10 @@ class Vm(models.Model):
     cpu_sampled_at = models.DateTimeField(null=True, blank=True)
     idle_since = models.DateTimeField(null=True, blank=True)
     keep_running_until = models.DateTimeField(null=True, blank=True)
+    # Its NIC on the group's private network (labs/compute/networks.py): the MAC and the
+    # address the group's DHCP gives it (None once the VM is deleted: the address is free).
+    group_mac = models.CharField("group network MAC", max_length=17, blank=True)
+    group_ip = models.GenericIPAddressField("group network address", null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -75,6 +79,18 @@ class Vm(models.Model):
                 fields=["group", "name"],
                 name="vm_name_unique_per_group",
                 violation_error_message="The group already has a VM with this name.",
+            ),
+            models.UniqueConstraint(
+                fields=["group_ip"],
+                condition=models.Q(group_ip__isnull=False),
+                name="vm_group_ip_unique",
+                violation_error_message="This group network address is taken.",
+            ),
+            models.UniqueConstraint(
+                fields=["group_mac"],
+                condition=~models.Q(group_mac=""),
+                name="vm_group_mac_unique",
+                violation_error_message="This group network MAC is taken.",
             ),
             models.UniqueConstraint(
                 fields=["host", "ssh_port"],
@@ -110,6 +126,14 @@ class Vm(models.Model):
             return None
         host = self.host
         return (host.unreachable_since if host is not None else None) or self.observed_at
+
+    @property
+    def group_network_label(self) -> str:
+        """ "vm2 · 10.200.3.17": the name the group's other VMs resolve and its address on
+        the group's private network; "" when it has none (its host has no group networks)."""
+        if not (self.group_ip and self.host and self.host.group_networks):
+            return ""
+        return f"{self.name} · {self.group_ip}"
 
     @property
     def ssh_command(self) -> str:

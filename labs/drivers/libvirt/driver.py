@@ -30,6 +30,7 @@ from labs.drivers.base import (
 )
 from labs.drivers.libvirt import agent, archive, connection, images, migration, shares
 from labs.drivers.libvirt.errors import classify, error_code
+from labs.drivers.libvirt.networks import NetworksMixin
 from labs.drivers.libvirt.ports import PortsMixin
 from labs.drivers.libvirt.storage import GiB, StorageMixin
 from labs.drivers.libvirt.volumes import VolumesMixin
@@ -61,7 +62,7 @@ def _saved_or(dom: libvirt.virDomain, state: str) -> str:
     return state
 
 
-class LibvirtDriver(StorageMixin, VolumesMixin, PortsMixin):
+class LibvirtDriver(StorageMixin, VolumesMixin, PortsMixin, NetworksMixin):
     """The :class:`~labs.drivers.base.Driver` for one libvirt host (``qemu:///system``,
     ``qemu+ssh://…``, ``qemu+tls://…``).
 

@@ -10,6 +10,9 @@ from labs.drivers.base import (
     DESCRIPTION_MAX,
     NOT_XML,
     TITLE_MAX,
+    GroupNetworkSpec,
+    GroupNic,
+    NetworkHost,
     PortSpec,
     ShareSpec,
     VmSpec,
@@ -126,6 +129,9 @@ def build_domain_xml(
             sub(interface, "mac", address=spec.mac)
         sub(interface, "source", bridge=spec.bridge)
         sub(interface, "model", type="virtio")
+
+    if spec.group_nic is not None:
+        devices.append(group_nic(spec.group_nic))
 
     serial = sub(devices, "serial", type="pty")
     sub(serial, "target", port="0")
@@ -283,3 +289,127 @@ def snapshot_xml(name: str) -> str:
     snapshot = ET.Element("domainsnapshot")
     sub(snapshot, "name", name)
     return ET.tostring(snapshot, encoding="unicode")
+
+
+# --- group networks (labs/compute/networks.py, docs/group-networks.md) -------------------
+
+# The filter every group NIC references: clean-traffic (its own MAC and address only, no
+# other L2 protocol) and GROUP_FILTER_IPV4 (the host answers DHCP and DNS, nothing else).
+GROUP_FILTER = "stratus-group"
+GROUP_FILTER_IPV4 = "stratus-group-ipv4"
+# The first /28 of a group's /24 is the hosts' (one gateway address per host); VMs from .16.
+RESERVED_PREFIX = 28
+GROUP_NIC_PCI_SLOT = "0x11"  # beside the slirp NIC's 0x10, never auto-assigned
+
+
+def network_xml(spec: GroupNetworkSpec) -> str:
+    """An isolated libvirt network (no <forward>: nothing is routed or NATed out) with a
+    static DHCP entry and a DNS entry per VM: dnsmasq gives no address to a MAC it does
+    not know, and answers ``vm2`` with vm2's address."""
+    network = ET.Element("network")
+    sub(network, "name", spec.name)
+    sub(network, "bridge", name=spec.bridge, stp="off", delay="0")
+    sub(network, "mtu", size=str(spec.mtu))
+    dns = sub(network, "dns", enable="yes")
+    for host in spec.hosts:
+        dns.append(dns_host(host))
+    ip = sub(network, "ip", address=spec.gateway, netmask=spec.netmask)
+    dhcp = sub(ip, "dhcp")
+    for host in spec.hosts:
+        dhcp.append(dhcp_host(host))
+    return ET.tostring(network, encoding="unicode")
+
+
+def dhcp_host(host: NetworkHost) -> ET.Element:
+    return ET.Element("host", mac=host.mac, name=host.name, ip=host.ip)
+
+
+def dns_host(host: NetworkHost) -> ET.Element:
+    return _dns_host(ip=host.ip, name=host.name)
+
+
+def _dns_host(*, ip: str, name: str) -> ET.Element:
+    element = ET.Element("host", ip=ip)
+    sub(element, "hostname", name)
+    return element
+
+
+def dhcp_host_xml(host: NetworkHost) -> str:
+    return ET.tostring(dhcp_host(host), encoding="unicode")
+
+
+def dns_host_xml(*, ip: str, name: str) -> str:
+    return ET.tostring(_dns_host(ip=ip, name=name), encoding="unicode")
+
+
+def network_hosts(xml: str) -> dict[str, set[NetworkHost]]:
+    """The DHCP and DNS entries of a network's XML, as libvirt holds them."""
+    root = parse(xml)
+    dhcp = set()
+    for host in root.findall("./ip/dhcp/host"):
+        dhcp.add(NetworkHost(host.get("mac", ""), host.get("ip", ""), host.get("name", "")))
+    dns = set()
+    for host in root.findall("./dns/host"):
+        for name in host.findall("hostname"):
+            # DNS entries carry no MAC: compared by address and name only.
+            dns.add((host.get("ip", ""), name.text or ""))
+    return {"dhcp": dhcp, "dns": dns}
+
+
+def group_nic(nic: GroupNic) -> ET.Element:
+    """A VM's NIC on its group network, filtered (anti-spoofing, host closed)."""
+    interface = ET.Element("interface", type="network")
+    sub(interface, "mac", address=nic.mac)
+    sub(interface, "source", network=nic.network)
+    sub(interface, "model", type="virtio")
+    filterref = sub(interface, "filterref", filter=GROUP_FILTER)
+    sub(filterref, "parameter", name="IP", value=nic.ip)
+    network = nic.subnet.split("/")[0]
+    sub(filterref, "parameter", name="GROUP_NET", value=network)
+    sub(interface, "address", type="pci", domain="0x0000", bus="0x00", slot=GROUP_NIC_PCI_SLOT)
+    interface[-1].set("function", "0x0")
+    return interface
+
+
+def group_nic_xml(nic: GroupNic) -> str:
+    return ET.tostring(group_nic(nic), encoding="unicode")
+
+
+def _rule(parent: ET.Element, action: str, priority: int, **ip: str) -> None:
+    rule = sub(parent, "rule", action=action, direction="out", priority=str(priority))
+    sub(rule, "ip", **ip)
+
+
+def group_filters_xml(uuids: dict[str, str] | None = None) -> list[str]:
+    """The two nwfilters of group NICs, the inner one first (libvirt refuses a reference
+    to a filter it does not know).
+
+    The inner chain runs after clean-traffic's source checks (``ipv4-ip``, priority -710)
+    and before its "accept every IPv4 frame the VM sends" (-650). From the VM it lets DHCP
+    (to the broadcast address or a host address) and DNS (udp and tcp 53 to a host
+    address) through, drops everything else to the hosts' reserved /28 and everything
+    outside the group's /24 (the host's other addresses, whatever a route would reach).
+    """
+    inner = ET.Element("filter", name=GROUP_FILTER_IPV4, chain="ipv4-stxg", priority="-680")
+    net, reserved = "$GROUP_NET", str(RESERVED_PREFIX)
+    _rule(inner, "accept", 100, dstipaddr="255.255.255.255", protocol="udp", dstportstart="67")
+    _rule(inner, "accept", 110, dstipaddr=net, dstipmask=reserved, protocol="udp",
+          dstportstart="67")  # fmt: skip
+    _rule(inner, "accept", 120, dstipaddr=net, dstipmask=reserved, protocol="udp",
+          dstportstart="53")  # fmt: skip
+    _rule(inner, "accept", 130, dstipaddr=net, dstipmask=reserved, protocol="tcp",
+          dstportstart="53")  # fmt: skip
+    _rule(inner, "drop", 140, dstipaddr=net, dstipmask=reserved)
+    _rule(inner, "return", 150, dstipaddr=net, dstipmask="24")
+    _rule(inner, "drop", 160)
+    outer = ET.Element("filter", name=GROUP_FILTER, chain="root")
+    sub(outer, "filterref", filter="clean-traffic")
+    sub(outer, "filterref", filter=GROUP_FILTER_IPV4)
+    for element in (inner, outer):
+        # A filter that exists is redefined under its own uuid (libvirt refuses the name
+        # with another): a changed rule reaches the running NICs.
+        uuid = (uuids or {}).get(element.get("name", ""))
+        if uuid:
+            element.insert(0, ET.Element("uuid"))
+            element[0].text = uuid
+    return [ET.tostring(f, encoding="unicode") for f in (inner, outer)]
