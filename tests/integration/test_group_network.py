@@ -179,6 +179,8 @@ def netns_hosts():
             host.stop()
 
 
+@pytest.mark.sqlite_pass_only  # guests' packets do not touch the database; the rows are the
+# unit suite's (tests/compute/test_networks.py), which runs on PostgreSQL too
 def test_group_vms_on_two_hosts_reach_each_other_by_name_and_another_group_sees_nothing(
     transactional_db, netns_hosts, base_image, course, alice, carol, ines, tmp_path
 ):
