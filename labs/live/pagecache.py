@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 # PAGE_CACHE_PREFIX when two sites share one Redis.
 PREFIX = getattr(settings, "PAGE_CACHE_PREFIX", "stratus:pages:")
 HOURS_SECONDS = 60
+# A version outlives every part stored under it (parts live a minute at most); then it
+# may go: a version made anew is only a miss. So nothing the cache holds is kept forever.
+VERSION_SECONDS = 3600
 
 # What the token stands for in a cached rendering: a string no escaped text can contain
 # (it is the whole <input>, and text in a page has its "<" escaped).
@@ -102,7 +105,7 @@ def versions(*names: str) -> str | None:
         return None
     missing = [key for key in keys if key not in found]
     for key in missing:  # add: a concurrent first reader's value wins
-        _call(cache.add, key, secrets.token_hex(6), None)
+        _call(cache.add, key, secrets.token_hex(6), VERSION_SECONDS)
     if missing:
         found.update(_call(cache.get_many, missing) or {})
     if len(found) < len(keys):
@@ -112,7 +115,8 @@ def versions(*names: str) -> str | None:
 
 def bump(*names: str) -> None:
     """What these names version changed: every part stored under them is out of date."""
-    _call(cache.set_many, {_key(name): secrets.token_hex(6) for name in names}, None)
+    tokens = {_key(name): secrets.token_hex(6) for name in names}
+    _call(cache.set_many, tokens, VERSION_SECONDS)
 
 
 def forget() -> None:
