@@ -112,6 +112,12 @@ def _as_on_destination(xml: str, source: VmSpec, target: VmSpec) -> str:
     it forwards the destination's SSH port and published ports (its whole ``-netdev``
     from the destination's spec: a running domain's own XML lacks the ports published
     live) and names the destination's storage directory."""
+    # Every copy of the domain the XML holds (a snapshot's <domain> and its
+    # <inactiveDomain>) forwards the destination's SSH port; the first one, which
+    # with_netdev rewrites, the published ports as well.
+    old_forward = f"hostfwd=tcp:127.0.0.1:{source.ssh_port}-:"
+    new_forward = f"hostfwd=tcp:127.0.0.1:{target.ssh_port}-:"
+    xml = xml.replace(old_forward, new_forward)
     if target.network == "user":
         xml = with_netdev(xml, netdev_value(target.ssh_port, target.ports))
     return xml.replace(f"{source.storage_dir.rstrip('/')}/", f"{target.storage_dir.rstrip('/')}/")
