@@ -166,7 +166,7 @@ class Domain:
     def snapshotCreateXML(self, xml, flags):  # noqa: N802
         self.redefined.append((xml, flags))
 
-    def managedSaveExtraXMLDesc(self, flags):  # noqa: N802
+    def managedSaveGetXMLDesc(self, flags):  # noqa: N802
         return self.saved
 
     def managedSaveDefineXML(self, xml, flags):  # noqa: N802

@@ -6,8 +6,10 @@ a cache that does not answer costs speed, never correctness."""
 import re
 
 import pytest
+import time_machine
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from labs.choices import ObservedState
 from labs.live import events, pagecache, regions
@@ -16,6 +18,14 @@ from labs.people.groups import group_key_replace
 from tests.live.test_regions import META_TOKEN, TOKEN_INPUT, tokens_in
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _one_span_of_the_clock():
+    """Every key carries the current 30-s span of the clock: a test that crossed a span's
+    end would see a part rendered anew (the bound, not a stale part). Hold the clock."""
+    with time_machine.travel(timezone.now(), tick=False):
+        yield
 
 
 def but_time_and_tokens(html: str) -> str:

@@ -138,7 +138,7 @@ class PortsMixin:
         netdev = self._definition_netdev(dom)
         if netdev is None:
             return
-        xml = dom.managedSaveExtraXMLDesc(libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+        xml = dom.managedSaveGetXMLDesc(libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
         rewritten = with_netdev(xml, netdev)
         if rewritten != xml:
             dom.managedSaveDefineXML(rewritten, 0)
