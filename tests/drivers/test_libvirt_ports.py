@@ -15,7 +15,7 @@ import pytest
 from labs.drivers.base import HypervisorError, PortSpec
 from labs.drivers.libvirt import migration
 from labs.drivers.libvirt import ports as libvirt_ports
-from labs.drivers.libvirt.xml import build_domain_xml, netdev_value, with_netdev
+from labs.drivers.libvirt.xml import build_domain_xml, netdev_value, parse, with_netdev
 from tests.drivers.test_libvirt import QEMU, host, make_spec  # noqa: F401 - fixtures
 
 WEB = PortSpec(host_port=23001, guest_port=80)
@@ -70,11 +70,20 @@ def test_a_port_out_of_range_is_refused(host_port, guest_port):
         PortSpec(host_port=host_port, guest_port=guest_port)
 
 
+def snapshot_of(domain_xml: str, name: str | None = None) -> str:
+    """A snapshot's XML holding this domain, built with ElementTree as libvirt would."""
+    snapshot = ET.Element("domainsnapshot")
+    if name is not None:
+        ET.SubElement(snapshot, "name").text = name
+    snapshot.append(parse(domain_xml))
+    return ET.tostring(snapshot, encoding="unicode")
+
+
 def test_a_domains_or_a_snapshots_xml_gets_the_forwards_of_now(make_spec):
     then = build_domain_xml(make_spec(ports=(WEB,)), overlay_path="/o", seed_path="/s")
     now = netdev_value(22001, (APP,))
     assert netdev_of(with_netdev(then, now)) == now
-    snapshot = f"<domainsnapshot><name>s1</name>{then}</domainsnapshot>"
+    snapshot = snapshot_of(then, "s1")
     rewritten = with_netdev(snapshot, now)
     assert netdev_of(rewritten) == now
     assert libvirt_ports.forwards_of(rewritten) == {22001: 22, 23000: 8080}
@@ -193,14 +202,14 @@ def test_a_revert_first_gives_the_snapshot_the_forwards_of_now(host, make_spec):
     now = build_domain_xml(make_spec(ports=(APP,)), overlay_path="/o", seed_path="/s")
     then = build_domain_xml(make_spec(ports=(WEB,)), overlay_path="/o", seed_path="/s")
     dom = Domain(now)
-    host.hv.snapshot_forwards_match(dom, Snap(f"<domainsnapshot>{then}</domainsnapshot>", True))
+    host.hv.snapshot_forwards_match(dom, Snap(snapshot_of(then), True))
     [(xml, flags)] = dom.redefined
     assert libvirt_ports.forwards_of(xml) == {22001: 22, 23000: 8080}
     assert flags == (
         libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
     )
     dom.redefined.clear()
-    host.hv.snapshot_forwards_match(dom, Snap(f"<domainsnapshot>{now}</domainsnapshot>", False))
+    host.hv.snapshot_forwards_match(dom, Snap(snapshot_of(now), False))
     assert dom.redefined == []  # the same forwards: left alone
 
 
