@@ -73,8 +73,12 @@ def test_libvirtd_restarted_mid_operation_the_operation_ends_once(
         attempts[kind] = op.attempts
         assert_row_and_host_agree(vm, storage_dir)
         if kind == OperationKind.SNAPSHOT:
-            # The guest ran on through the restart: the same boot, still answering.
-            assert ssh(key, vm.ssh_port, BOOT_ID).stdout.strip() == boot_id
+            # The guest ran on through the restart: the same boot, still answering. (A
+            # snapshot with memory pauses the guest while it saves; on a loaded machine
+            # its first SSH connection after that may be refused, so it gets a minute.)
+            wait_for_ssh(key, vm.ssh_port, timeout=60)
+            said = ssh(key, vm.ssh_port, BOOT_ID)
+            assert said.stdout.strip() == boot_id, said.stderr
             assert vm.observed_state == ObservedState.RUNNING
             assert list(vm.snapshots.values_list("name", flat=True)) == ["around-restart"]
         elif kind == OperationKind.STOP:

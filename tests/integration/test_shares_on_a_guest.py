@@ -13,6 +13,7 @@ in the other" is the issue's own test, and the second TCG guest boots beside the
 
 import io
 import os
+import shutil
 import subprocess
 import time
 
@@ -35,8 +36,9 @@ SCRIPT = b"#!/bin/sh\necho ran\n"
 
 @pytest.fixture
 def shares_root(storage_dir, settings):
-    """This run's shares root, in the process and in its worker; the course share's
-    read-only bind is taken down afterwards (else the storage directory stays)."""
+    """This run's shares root, in the process and in its worker; afterwards the course
+    share's read-only bind is taken down and the root removed (the tests after this one
+    find the storage directory holding their VMs' files alone)."""
     root = storage_dir / "shares"
     settings.STRATUS_SHARES_DIR = str(root)
     yield root
@@ -46,6 +48,7 @@ def shares_root(storage_dir, settings):
         point = line.split(" ")[4]
         if point.startswith(str(root)):
             subprocess.run(["umount", point], check=False)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
