@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from labs.choices import DesiredState, ObservedState
-from labs.compute import executors, placement, ssh_access
+from labs.compute import executors, networks, placement, ssh_access
 from labs.compute.records import driver_of, operation_progress, vm_consoles_close, vm_observe
 from labs.drivers.qcow2 import ImageRefused, file_sha256, standalone_check
 from labs.errors import Refused
@@ -140,6 +140,8 @@ def vm_archive(op: Operation) -> None:
     driver.delete(spec)
     Snapshot.objects.filter(vm=vm).delete()
     executors.volumes_release(vm)  # its block volumes stay on the host, detached
+    if vm.group_ip:  # out of the group's network; a restore gives it an address again
+        executors._group_network_leave(op, vm, driver)
     Publication.objects.filter(vm=vm).delete()  # a restored VM publishes nothing at first
     Vm.objects.filter(pk=vm.pk).update(desired_state=DesiredState.DELETED, ssh_port=None)
     vm_observe(vm, S.DELETED, "")
@@ -235,6 +237,8 @@ def archive_restore(*, archive: VmArchive, host: Host | None = None, name: str =
     driver = driver_of(vm)
     wanted = ssh_access.access_wanted(vm)
     try:
+        if networks.vm_network_join(vm=vm):  # its NIC's network is there before the domain
+            driver.network_ensure(networks.network_spec(group=vm.group, host=host))
         driver.restore(
             executors.vm_spec(vm), disk=archive.path, seed_iso=executors.vm_seed(vm, wanted)
         )
@@ -244,10 +248,25 @@ def archive_restore(*, archive: VmArchive, host: Host | None = None, name: str =
         Vm.objects.filter(pk=vm.pk).update(
             desired_state=DesiredState.DELETED, observed_state=S.DELETED, ssh_port=None
         )
+        if vm.group_ip:  # its address is free again, its entry out of the network
+            with suppress(Exception):
+                networks.vm_network_leave(vm=vm)
+                _network_without(vm, driver, host)
         raise
+    if vm.group_ip:
+        networks.peers_sync(vm=vm)  # the group's other hosts list it (and this host)
     # The disk holds the accounts and keys of its last day: bring them up to date.
     executors._running(vm, driver)
     ssh_access.vm_access_unknown(vm)
     VmArchive.objects.filter(pk=archive.pk).update(restored_at=timezone.now())
     vm.refresh_from_db()
     return Restored(vm=vm, archive=archive, seconds=time.monotonic() - started)
+
+
+def _network_without(vm: Vm, driver, host: Host) -> None:
+    """The group's network on ``host`` as if ``vm`` had never been restored there."""
+    spec = networks.network_spec(group=vm.group, host=host)
+    if any(v.host_id == host.pk for v in networks.group_vms(vm.group)):
+        driver.network_ensure(spec)
+    else:
+        driver.network_remove(spec)

@@ -23,7 +23,7 @@ from django.db import transaction
 from labs import access
 from labs.access import Action
 from labs.choices import HostState, ObservedState, OperationKind, PortState
-from labs.compute import dispatch, placement, ssh_access
+from labs.compute import dispatch, networks, placement, ssh_access
 from labs.compute.records import (
     NO_CONSOLE,
     operation_progress,
@@ -69,6 +69,11 @@ def vm_move_request(*, vm: Vm, to: Host, by: AbstractBaseUser | None) -> Operati
         raise Refused(
             f"{vm.name} has block volumes, which a live move does not take along: shut it "
             "down and move it stopped (its volumes come along, the same serials)."
+        )
+    if vm.group_ip and networks.enabled_on(vm.host) and not networks.enabled_on(to):
+        raise Refused(
+            f"Host {to.name} has no group networks: {vm.name} would lose its NIC on the "
+            f"group's network there. Move it to a host with group networks."
         )
     with transaction.atomic():
         host = Host.objects.select_for_update().get(pk=to.pk)
@@ -121,6 +126,9 @@ def move(op: Operation) -> None:
         if live and _arrived(src, dst, source, target):
             log.info("%s already runs on %s: finishing its move", vm.domain_name, target_host)
         else:
+            if target.group_nic is not None:  # the NIC's network is there before the domain
+                report(f"preparing the group network on {target_host.name}")
+                dst.network_ensure(networks.network_spec(group=vm.group, host=target_host))
             seed = vm_seed(vm, ssh_access.access_wanted(vm))
             # Open consoles stay on the source while it runs; at the switch its QEMU ends
             # and they connect again to the destination (rules.moved_to, CloseCode.MOVED).
@@ -146,6 +154,8 @@ def move(op: Operation) -> None:
     for volume in source.volumes:
         src.volume_delete(storage_dir=source.storage_dir, volume=volume)
     vm = Vm.objects.select_related("host", "group").get(pk=vm.pk)
+    if vm.group_ip:
+        _group_network_moved(vm, source_host, src, dst)
     moved = f"Moved from {source_host.name} to {target_host.name}."
     if live:
         if not vm.vnc_socket and not vm.vnc_port:  # a retry past the switch
@@ -154,6 +164,22 @@ def move(op: Operation) -> None:
     else:
         vm_observe(vm, ObservedState.SHUTOFF, moved)
     events.vm_changed(vm=vm)
+
+
+def _group_network_moved(vm: Vm, source_host: Host, src, dst) -> None:
+    """The group's network after the VM left ``source_host``: gone there when it was the
+    group's last VM on it (else that host's tunnel lists the destination), the
+    destination's tunnel without the source when nothing of the group is left there, the
+    group's other hosts told. Safe to run again (a retry past the switch)."""
+    if networks.enabled_on(source_host):
+        spec = networks.network_spec(group=vm.group, host=source_host)
+        if any(v.host_id == source_host.pk for v in networks.group_vms(vm.group)):
+            src.network_ensure(spec)
+        else:
+            src.network_remove(spec)
+    if networks.enabled_on(vm.host):
+        dst.network_ensure(networks.network_spec(group=vm.group, host=vm.host))
+    networks.peers_sync(vm=vm)
 
 
 def _ports_there(vm: Vm, moved: dict[int, int]) -> tuple[PortSpec, ...]:

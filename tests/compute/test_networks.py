@@ -196,3 +196,86 @@ def test_provision_makes_the_network_on_the_host_and_a_second_vm_joins_it_live(
     op = dispatch.operation_create(vm=vm1, kind=OperationKind.DELETE, by=ines)
     run(op)
     assert driver.network_names() == []  # the group's last VM here: the network goes
+
+
+# --- moves and the end of term's archive ------------------------------------------------------
+
+
+def _network_of(driver, group):
+    from labs.drivers.libvirt.xml import network_hosts
+
+    name = networks.group_network_get(group=group).libvirt_name
+    if name not in driver.network_names():
+        return None
+    return {
+        h.name for h in network_hosts(driver._conn.networkLookupByName(name).XMLDesc(0))["dhcp"]
+    }
+
+
+def test_a_move_to_a_host_without_group_networks_is_refused_with_the_reason(
+    group_a, ines, template, net_host, tmp_path, sent
+):
+    from labs.compute.moves import vm_move_request
+
+    [vm1] = approve(group_a, ines)
+    run(vm1.operations.get())
+    plain = make_host("h2", tmp_path=tmp_path, ssh_port_min=30100, ssh_port_max=30109)
+    with pytest.raises(Refused, match="Host h2 has no group networks: vm1 would lose its NIC"):
+        vm_move_request(vm=Vm.objects.get(pk=vm1.pk), to=plain, by=ines)
+
+
+def test_a_moved_vm_is_on_the_network_of_its_new_host_and_the_old_one_goes_with_the_last(
+    group_a, ines, template, net_host, tmp_path, sent
+):
+    """What a move does to the group's network once the VM is on its destination (the
+    move's disk copy itself is the two-host integration test's): the destination's
+    network lists the group, the source keeps its network while a VM of the group is
+    left there and drops it with the last one."""
+    from labs.compute import moves, requests
+    from labs.models import Operation
+
+    [vm1] = approve(group_a, ines)
+    run(vm1.operations.get())
+    vm2 = requests.vm_create(group=group_a, by=ines)
+    run(vm2.operations.get())
+    h2 = make_host(
+        "h2", tmp_path=tmp_path, ssh_port_min=30100, ssh_port_max=30109, group_networks=True
+    )
+    d1, d2 = driver_for(net_host), driver_for(h2)
+
+    Vm.objects.filter(pk=vm1.pk).update(host=h2)  # the switch of vm1's move
+    vm1 = Vm.objects.select_related("host", "group").get(pk=vm1.pk)
+    moves._group_network_moved(vm1, net_host, d1, d2)
+    assert _network_of(d2, group_a) == {"vm1", "vm2"}
+    assert _network_of(d1, group_a) == {"vm1", "vm2"}  # vm2 is still there
+    moves._group_network_moved(vm1, net_host, d1, d2)  # a retry changes nothing
+    assert _network_of(d2, group_a) == _network_of(d1, group_a) == {"vm1", "vm2"}
+    assert Operation.objects.filter(vm=vm2, kind="network_sync").exists()  # h1 is told
+
+    Vm.objects.filter(pk=vm2.pk).update(host=h2)
+    vm2 = Vm.objects.select_related("host", "group").get(pk=vm2.pk)
+    moves._group_network_moved(vm2, net_host, d1, d2)
+    assert _network_of(d1, group_a) is None  # nothing of the group is left on h1
+    assert _network_of(d2, group_a) == {"vm1", "vm2"}
+
+
+def test_the_end_of_terms_archive_takes_the_vm_off_the_group_network_and_frees_its_address(
+    group_a, ines, template, net_host, settings, tmp_path, sent
+):
+    import subprocess
+
+    from labs.choices import OperationKind
+    from labs.compute import dispatch
+
+    settings.STRATUS_ARCHIVE_DIR = str(tmp_path / "archive")
+    [vm1] = approve(group_a, ines)
+    run(vm1.operations.get())
+    vm1.refresh_from_db()
+    assert _network_of(driver_for(net_host), group_a) == {"vm1"}
+    disk = tmp_path / "h1" / "vms" / f"{vm1.domain_name}.qcow2"  # a real disk to export
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+
+    run(dispatch.operation_create(vm=vm1, kind=OperationKind.ARCHIVE, by=None))
+    vm1.refresh_from_db()
+    assert vm1.group_ip is None and vm1.group_mac  # the MAC stays for a restore
+    assert _network_of(driver_for(net_host), group_a) is None
