@@ -15,18 +15,31 @@ export STRATUS_IMAGE_DIR := $(IMAGE_DIR)
 
 run: system-run $(VENV)/.run-deps node_modules/.installed image migrate demo serve
 
-# The suite runs on SQLite, then again on PostgreSQL when a server answers on 127.0.0.1:5432
-# (as on CI); PG_TEST_URL names the database (pytest-django creates test_<name>).
+# The suite runs on SQLite and, when a server answers on 127.0.0.1:5432 (as on CI), at the
+# same time on PostgreSQL: that pass keeps to what may differ by database (tests/conftest.py)
+# and is done long before the SQLite pass's guests, so it costs no wall time. Its output is
+# kept in test-artifacts/ and printed after the SQLite pass's; its guests take other SSH
+# ports. PG_TEST_URL names the database (pytest-django creates test_<name>).
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/stratus
+PG_TEST_LOG := test-artifacts/postgres-pass.log
 
 test: system-test $(VENV)/.dev-deps node_modules/.installed lint image
-	$(PY) -m pytest
-	@if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then \
-	  echo "== the same suite on PostgreSQL ($(PG_TEST_URL))"; \
-	  DATABASE_URL=$(PG_TEST_URL) $(PY) -m pytest; \
+	@mkdir -p test-artifacts; pg=""; \
+	if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then \
+	  echo "== the PostgreSQL pass ($(PG_TEST_URL)) runs beside this one: $(PG_TEST_LOG)"; \
+	  DATABASE_URL=$(PG_TEST_URL) STRATUS_IT_SSH_PORTS=24400 $(PY) -m pytest \
+	    > $(PG_TEST_LOG) 2>&1 & pg=$$!; \
 	else \
 	  echo "No PostgreSQL on 127.0.0.1:5432: the PostgreSQL pass is skipped."; \
-	fi
+	fi; \
+	$(PY) -m pytest; sqlite=$$?; \
+	postgres=0; \
+	if [ -n "$$pg" ]; then \
+	  wait $$pg; postgres=$$?; \
+	  echo "== the same suite on PostgreSQL ($(PG_TEST_URL)), run beside the SQLite pass"; \
+	  cat $(PG_TEST_LOG); \
+	fi; \
+	[ $$sqlite -eq 0 ] && [ $$postgres -eq 0 ]
 
 system-run:
 	@scripts/setup-system.sh run

@@ -22,26 +22,40 @@ from labs.choices import GroupStatus, ObservedState, Role
 from labs.models import Course, Group, Host, Image, Membership, Vm
 from labs.people.groups import group_register
 
-# Whole folders whose subject is not the database: the libvirt driver (test:///default,
-# qemu-img, the seed files) and the browser (pages and scripts). The PostgreSQL pass keeps
-# to what may differ by database.
-NOT_ABOUT_THE_DATABASE = ("drivers", "e2e")
+# What the PostgreSQL pass leaves to the SQLite pass: folders and files whose subject is
+# not the database. The libvirt driver (test:///default, qemu-img, the seed files), the
+# browser (pages and scripts), the console's byte paths (websockets, RFB, the tunnel,
+# revocation's timing) and the live pages' sockets and renderings. Kept for PostgreSQL:
+# everything that claims, locks, counts or constrains rows (operations, placement,
+# quotas, the roster, tickets' single use, leases, the outbox, the course clock).
+NOT_ABOUT_THE_DATABASE = (
+    "drivers",
+    "e2e",
+    "consoles/test_channels.py",
+    "consoles/test_revocation.py",
+    "consoles/test_rfb.py",
+    "consoles/test_tunnel.py",
+    "consoles/test_websockify.py",
+    "live/test_consumer.py",
+    "live/test_pagecache.py",
+    "live/test_regions.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on SQLite, then on PostgreSQL: tests marked
+    """`make test` runs the suite on SQLite and on PostgreSQL: tests marked
     ``sqlite_pass_only`` (slow ones whose subject is not the database, such as killing
-    Redis or a worker under a real guest) and the folders of ``NOT_ABOUT_THE_DATABASE``
-    run in the first pass only."""
+    Redis or a worker under a real guest) and the folders and files of
+    ``NOT_ABOUT_THE_DATABASE`` run in the SQLite pass only."""
     from django.conf import settings
 
     if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
         return
     skip = pytest.mark.skip(reason="does not depend on the database: run in the SQLite pass")
     here = Path(__file__).parent
-    folders = {here / name for name in NOT_ABOUT_THE_DATABASE}
+    paths = {here / name for name in NOT_ABOUT_THE_DATABASE}
     for item in items:
-        if item.get_closest_marker("sqlite_pass_only") or folders & set(item.path.parents):
+        if item.get_closest_marker("sqlite_pass_only") or paths & {item.path, *item.path.parents}:
             item.add_marker(skip)
 
 

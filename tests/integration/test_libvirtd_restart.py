@@ -21,7 +21,7 @@ from .test_worker_crash import assert_row_and_host_agree
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
-PAUSE_SECONDS = 12  # long enough for a restart (about a second here); paid again on retry
+PAUSE_SECONDS = 6  # long enough for a restart (about a second here); paid again on retry
 # Where each kind pauses: the worker's next step is a libvirt call on its open connection.
 RESTART_POINTS = [
     # before the snapshot is asked of libvirt
