@@ -1,7 +1,7 @@
 """Published ports: allocation from the host's range (unique per host, in the database),
 the group's quota, the course's forbidden ports, the refusals, and the operations run
 against a driver that records what it was asked (libvirt's test driver keeps no QEMU
-command line: the running guest's side is tests/integration/test_published_ports_on_a_guest.py;
+command line: the running guest's side is tests/integration/test_one_guest.py;
 the XML is tests/drivers/test_libvirt_ports.py)."""
 
 from dataclasses import dataclass, field

@@ -1,7 +1,7 @@
 """SSH access follows the group: which changes ask the guests for an update, and when.
 
 What the guest does with an update is the integration test's (tests/integration/
-test_ssh_access.py, on a real guest and its agent); here the rows: which VMs get an
+test_one_guest.py, on a real guest and its agent); here the rows: which VMs get an
 ``ssh_sync`` Operation, which wait for the sweeper, and what the seed gives.
 """
 

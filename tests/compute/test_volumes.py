@@ -1,6 +1,6 @@
 """Block volumes: the requests and their refusals, the disk quota, and the operations run
 on libvirt's own test driver (a stopped VM: the test driver cannot hot-plug; the running
-guest's side is tests/integration/test_volumes_on_a_guest.py)."""
+guest's side is tests/integration/test_one_guest.py)."""
 
 # The shared fixtures are imported from their test module, then named as arguments.
 # ruff: noqa: F811

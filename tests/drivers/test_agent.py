@@ -1,7 +1,7 @@
 """Keys in a guest through its agent (labs/drivers/libvirt/agent.py): what the portal
 does with the agent's answers. libvirt's test driver has no guest agent, so a small
 stand-in domain keeps an authorized_keys list and can fail as qemu-ga does; the real agent
-is exercised in tests/integration/test_ssh_access.py."""
+is exercised in tests/integration/test_one_guest.py."""
 
 import libvirt
 import pytest

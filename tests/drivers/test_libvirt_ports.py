@@ -2,7 +2,7 @@
 rewritten in a domain's, a snapshot's or a move's XML), what QEMU's ``info usernet`` says,
 and how a running QEMU is brought to the wanted forwards through its monitor (the monitor
 is recorded here: libvirt's test driver has none, and drops the QEMU command line; the
-real QEMU is tests/integration/test_published_ports_on_a_guest.py)."""
+real QEMU is tests/integration/test_one_guest.py)."""
 
 # The shared fixtures are imported from their test module, then named as arguments.
 # ruff: noqa: F811

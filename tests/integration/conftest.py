@@ -87,9 +87,13 @@ def _no_guest_outlives_its_test(request):
     forward would hold the port the next test's first VM gets): after each test, this
     run's domains are destroyed and undefined and their disks removed."""
     yield
-    if "storage_dir" not in request.fixturenames:
-        return
-    storage = request.getfixturevalue("storage_dir")
+    if "storage_dir" not in request.fixturenames or "one_guest" in request.fixturenames:
+        return  # one_guest's module cleans up after its last test (test_one_guest.py)
+    guests_remove(request.getfixturevalue("storage_dir"))
+
+
+def guests_remove(storage: Path) -> None:
+    """This run's domains destroyed and undefined, their disks removed."""
     for name in _virsh("list", "--all", "--name").stdout.split():
         if name.startswith(PREFIX):
             _virsh("destroy", name)
@@ -197,6 +201,11 @@ def worker(transactional_db):
 
 @pytest.fixture
 def qemu_host(transactional_db, storage_dir) -> Host:
+    return qemu_host_row(storage_dir)
+
+
+def qemu_host_row(storage_dir: Path) -> Host:
+    """This machine's libvirtd as this run's host."""
     return Host.objects.create(
         name=HOST_NAME,
         uri="qemu:///system",
@@ -343,6 +352,11 @@ def second_worker(transactional_db, second_host):
 
 @pytest.fixture
 def debian_template(transactional_db, base_image, course) -> VmTemplate:
+    return debian_template_row(course, base_image)
+
+
+def debian_template_row(course, base_image: Path) -> VmTemplate:
+    """The course's template: one VM of the base image, 1 vCPU, 1 GiB."""
     image = Image.objects.create(
         name="debian-12", os="Debian 12", login_user="student", path=str(base_image), size_gib=2
     )
