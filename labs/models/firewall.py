@@ -59,6 +59,9 @@ class FirewallRule(models.Model):
                 )
                 | (
                     models.Q(protocol__in=[FirewallProtocol.TCP, FirewallProtocol.UDP])
+                    # (NULL passes a CHECK: the ports are required outright.)
+                    & models.Q(port_from__isnull=False)
+                    & models.Q(port_to__isnull=False)
                     & models.Q(port_from__gte=1)
                     & models.Q(port_to__lte=65535)
                     & models.Q(port_from__lte=models.F("port_to"))
