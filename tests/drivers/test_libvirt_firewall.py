@@ -48,7 +48,13 @@ def test_inbound_replies_pass_each_opening_lets_new_connections_in_the_rest_is_d
     ]
     # Every iptables rule names its state: libvirt then adds no reverse rule of its own.
     assert all("state" in r[0].attrib for r in outer.findall("rule"))
-    assert gateway.findall("rule") == []  # no opening from the gateway: nothing to answer
+    # No opening from the gateway: nothing to answer, only the chain's explicit end.
+    [end] = gateway.findall("rule")
+    assert (end.get("action"), end.get("priority"), end.find("ip").attrib) == (
+        "return",
+        "1000",
+        {},
+    )
 
 
 def test_an_opening_from_the_gateway_lets_only_the_vms_answers_out_to_the_hosts():
@@ -70,8 +76,9 @@ def test_an_opening_from_the_gateway_lets_only_the_vms_answers_out_to_the_hosts(
     # Through the ebtables chain that drops the rest to the /28, before it (-680), after
     # clean-traffic's source check (-710).
     assert gateway.get("chain") == "ipv4-stxf" and -710 < int(gateway.get("priority")) < -680
-    [rule] = gateway.findall("rule")
+    rule, end = gateway.findall("rule")
     assert (rule.get("action"), rule.get("direction")) == ("accept", "out")
+    assert end.get("action") == "return"  # on to stratus-group's chain
     assert rule.find("ip").attrib == {**hosts, "protocol": "tcp", "srcportstart": "22",
                                       "srcportend": "22"}  # fmt: skip
 

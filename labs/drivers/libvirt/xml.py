@@ -482,6 +482,9 @@ def firewall_filters_xml(
             rule = sub(gateway, "rule", action="accept", direction="out",
                        priority=str(100 + index))  # fmt: skip
             sub(rule, "ip", **ip, **_ports(opening, "src"))
+    # The chain's end, spelled out: with ebtables-nft a chain's RETURN policy acted as
+    # ACCEPT (measured: every IPv4 frame skipped stratus-group's chain after this one).
+    sub(sub(gateway, "rule", action="return", direction="out", priority="1000"), "ip")
     _fw_rule(outer, "drop", "out", 190, "all", state=_STATES_ALL, **to_hosts)
     _fw_rule(outer, "drop", "in", 900, "all", state=_STATES_ALL)
     for element in (gateway, outer):
