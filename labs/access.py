@@ -35,6 +35,7 @@ from labs.choices import STAFF_ROLES, GroupStatus, Role
 from labs.models import (
     ConsoleSession,
     Course,
+    FirewallRule,
     Group,
     Membership,
     Operation,
@@ -81,6 +82,7 @@ _GROUP_PATH = {Group: "pk", Vm: "group", Operation: "vm__group", Snapshot: "vm__
 _GROUP_PATH[ConsoleSession] = "vm__group"
 _GROUP_PATH[Volume] = "group"
 _GROUP_PATH[Publication] = "vm__group"
+_GROUP_PATH[FirewallRule] = "group"
 _COURSE_PATH = {
     Course: "pk",
     Group: "course",
@@ -92,6 +94,7 @@ _COURSE_PATH = {
     ConsoleSession: "vm__group__course",
     Volume: "group__course",
     Publication: "vm__group__course",
+    FirewallRule: "group__course",
 }
 
 
@@ -194,7 +197,7 @@ def _group_of(obj: Model) -> Group | None:
         return None
     if isinstance(obj, Group):
         return obj
-    if isinstance(obj, Vm | Volume):
+    if isinstance(obj, Vm | Volume | FirewallRule):
         return obj.group
     if isinstance(obj, Operation | Snapshot | ConsoleSession | Publication):
         return obj.vm.group

@@ -25,6 +25,7 @@ from labs.models import (
     ClassHoliday,
     ClassSession,
     Course,
+    FirewallRule,
     Group,
     Host,
     Membership,
@@ -649,3 +650,30 @@ class VolumeAdmin(CourseScopedAdmin):
     def disk_quota(self, obj):
         used = quotas.group_usage(group=obj.group)["disk_gib"]
         return f"{used} / {quotas.group_quota(group=obj.group)['disk_gib']}"
+
+
+@admin.register(FirewallRule)
+class FirewallRuleAdmin(CourseScopedAdmin):
+    """Every group's firewall rules, read-only: members and the course's staff change
+    them on the group page (each change a ``firewall_sync`` Operation on the group's
+    hosts: labs/compute/firewall.py), where the staff also lock and unlock them."""
+
+    list_display = ["group", "protocol", "ports", "source", "note", "locked", "created_by"]
+    list_filter = [
+        "protocol",
+        "source",
+        "locked",
+        ("group__course", admin.RelatedOnlyFieldListFilter),
+    ]
+    search_fields = ["group__name", "note"]
+    list_select_related = ["group__course", "created_by"]
+    readonly_fields = [f.name for f in FirewallRule._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # a removal is applied on the hosts: the group page does it

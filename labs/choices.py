@@ -87,8 +87,25 @@ class OperationKind(models.TextChoices):
     PORT_PUBLISH = "port_publish", "Publish port"
     PORT_UNPUBLISH = "port_unpublish", "Unpublish port"
     NETWORK_SYNC = "network_sync", "Update group network"
+    FIREWALL_SYNC = "firewall_sync", "Update group firewall"
 
     CAPTURE = "capture", "Capture as an image"
+
+
+class FirewallProtocol(models.TextChoices):
+    """What a group firewall rule lets in (labs/compute/firewall.py)."""
+
+    TCP = "tcp", "TCP"
+    UDP = "udp", "UDP"
+    ICMP = "icmp", "ICMP"
+
+
+class FirewallSource(models.TextChoices):
+    """From where a group firewall rule lets it in: the group's own VMs (its /24), or
+    the hosts' side of the group network (the reserved /28: the instructor's gateway)."""
+
+    GROUP = "group", "the group's VMs"
+    GATEWAY = "gateway", "the instructor's gateway"
 
 
 class VolumeState(models.TextChoices):

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from labs import reports, views, views_ports, views_volumes
+from labs import reports, views, views_firewall, views_ports, views_volumes
 
 app_name = "labs"
 
@@ -31,6 +31,21 @@ urlpatterns = [
         "ports/<int:publication_id>/unpublish/",
         views_ports.port_unpublish,
         name="port_unpublish",
+    ),
+    path(
+        "groups/<int:group_id>/firewall/add/",
+        views_firewall.firewall_rule_add,
+        name="firewall_rule_add",
+    ),
+    path(
+        "firewall/<int:rule_id>/remove/",
+        views_firewall.firewall_rule_remove,
+        name="firewall_rule_remove",
+    ),
+    path(
+        "firewall/<int:rule_id>/lock/",
+        views_firewall.firewall_rule_lock,
+        name="firewall_rule_lock",
     ),
     path("vms/<int:vm_id>/<slug:kind>/", views.vm_operation, name="vm_operation"),
 ]

@@ -154,6 +154,14 @@ CATALOGUE: dict[str, Kind] = {
             audience=Audience.SYSTEM,
         ),
         Kind(
+            # Asked for by labs/compute/firewall.py when a rule of the group's firewall
+            # was added or removed: this VM's host redefines the group's filter.
+            OperationKind.FIREWALL_SYNC,
+            executors.firewall_sync,
+            accepts=_CREATED,
+            audience=Audience.SYSTEM,
+        ),
+        Kind(
             OperationKind.SSH_SYNC,
             executors.ssh_sync,
             accepts=frozenset({S.RUNNING}),

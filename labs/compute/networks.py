@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from labs.choices import ACTIVE_OPERATION_STATUSES, OperationKind
-from labs.compute import dispatch
+from labs.compute import dispatch, firewall
 from labs.drivers.base import (
     GroupNetworkSpec,
     GroupNic,
@@ -83,7 +83,9 @@ def group_network_get(*, group: Group) -> GroupNetwork:
                 vni = settings.GROUP_NETWORK_VNI_BASE
                 while vni in vnis:
                     vni += 1
-                return GroupNetwork.objects.create(group=group, subnet=subnet, vni=vni)
+                network = GroupNetwork.objects.create(group=group, subnet=subnet, vni=vni)
+                firewall.firewall_defaults_ensure(group=group)
+                return network
         except IntegrityError:  # another group took it meanwhile, or this one's exists
             existing = GroupNetwork.objects.filter(group=group).first()
             if existing is not None:
@@ -223,6 +225,7 @@ def network_spec(*, group: Group, host: Host, leaving: Vm | None = None) -> Grou
         hosts=entries,
         mtu=MTU,
         tunnel=tunnel,
+        firewall=firewall.openings(group=group),
     )
 
 
@@ -232,8 +235,18 @@ def nic_spec(vm: Vm) -> GroupNic | None:
         return None
     network = group_network_get(group=vm.group)
     return GroupNic(
-        network=network.libvirt_name, mac=vm.group_mac, ip=str(vm.group_ip), subnet=network.subnet
+        network=network.libvirt_name,
+        mac=vm.group_mac,
+        ip=str(vm.group_ip),
+        subnet=network.subnet,
+        filter=firewall_filter(group=vm.group),
     )
+
+
+def firewall_filter(*, group: Group) -> str:
+    """The nwfilter of the group's firewall, which its NICs reference (it includes
+    ``stratus-group``): ``stratus-fw-g<group id>``."""
+    return f"stratus-fw-g{group.pk}"
 
 
 def peers_sync(*, vm: Vm) -> list[int]:

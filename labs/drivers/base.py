@@ -167,6 +167,36 @@ class NetworkHost:
 
 
 @dataclass(frozen=True)
+class FirewallOpening:
+    """One inbound opening of a group's firewall (labs/compute/firewall.py): ``protocol``
+    tcp, udp (``port_from``-``port_to``) or icmp (no ports), from ``source`` "group" (the
+    group's /24) or "gateway" (the hosts' reserved /28)."""
+
+    protocol: str
+    source: str
+    port_from: int | None = None
+    port_to: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.protocol not in ("tcp", "udp", "icmp"):
+            problems.append("the protocol must be tcp, udp or icmp")
+        if self.source not in ("group", "gateway"):
+            problems.append("the source must be group or gateway")
+        if self.protocol == "icmp":
+            if self.port_from is not None or self.port_to is not None:
+                problems.append("an icmp opening has no ports")
+        elif not (
+            isinstance(self.port_from, int)
+            and isinstance(self.port_to, int)
+            and 1 <= self.port_from <= self.port_to <= 65535
+        ):
+            problems.append("the ports must be 1-65535, from <= to")
+        if problems:
+            raise HypervisorError(f"invalid firewall opening {self!r}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class TunnelPeer:
     address: str  # its underlay address
     port: int  # its VXLAN UDP port
@@ -199,6 +229,9 @@ class GroupNetworkSpec:
     hosts: tuple[NetworkHost, ...] = ()
     mtu: int = 1450
     tunnel: TunnelSpec | None = None
+    # The group's firewall (its inbound openings); None: the NICs have no firewall of
+    # their own (``stratus-group`` only, as before the firewall).
+    firewall: tuple[FirewallOpening, ...] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -227,6 +260,11 @@ class GroupNetworkSpec:
     def netmask(self) -> str:
         return str(ipaddress.IPv4Network(self.subnet).netmask)
 
+    @property
+    def firewall_filter(self) -> str:
+        """The nwfilter of the group's firewall: ``stratus-fw-g<group id>``."""
+        return "stratus-fw-g" + self.name.removeprefix("stx-g")
+
 
 @dataclass(frozen=True)
 class GroupNic:
@@ -237,6 +275,7 @@ class GroupNic:
     mac: str
     ip: str
     subnet: str  # the group's subnet (the filter's parameters)
+    filter: str = "stratus-group"  # the group's firewall filter (stratus-fw-g<id>) when set
 
 
 @dataclass(frozen=True)
@@ -517,3 +556,6 @@ class Driver(Protocol):
     def network_ensure(self, spec: GroupNetworkSpec) -> float: ...
     def network_host_remove(self, spec: GroupNetworkSpec, host: NetworkHost) -> float: ...
     def network_remove(self, spec: GroupNetworkSpec) -> float: ...
+    # the group's firewall (labs/compute/firewall.py): its filter on this host redefined
+    # to ``spec.firewall``; running NICs get it at once. Returns seconds.
+    def firewall_apply(self, spec: GroupNetworkSpec) -> float: ...

@@ -29,7 +29,7 @@ from django.template.loader import render_to_string
 
 from labs import selectors
 from labs.choices import GroupStatus
-from labs.compute import clock, idle, kinds, quotas, term
+from labs.compute import clock, firewall, idle, kinds, quotas, term
 from labs.forms import GroupEditForm, GroupKeyForm
 from labs.live import pagecache
 from labs.live.events import MEMBERS, STAFF
@@ -39,6 +39,7 @@ from labs.models import Group
 GROUP_REGIONS = {
     "group-head": "labs/_group_head.html",
     "machines": "labs/_group_machines.html",
+    "firewall": "labs/_group_firewall.html",
     "members": "labs/_group_members.html",
     "project": "labs/_group_project.html",
     "edit": "labs/_group_edit.html",
@@ -82,6 +83,9 @@ def group_context(*, group: Group, staff: bool) -> dict[str, Any]:
             quota=quota,
             usage=usage,
             left={key: max(quota[key] - usage[key], 0) for key in quota},
+            firewall_rules=firewall.rules_of_group(group=group),
+            firewall_shown=firewall.shown(group=group),
+            firewall_max=firewall.RULES_MAX,
         )
     if not staff:  # the group's students edit it here; the staff in the admin
         if group.is_editable:

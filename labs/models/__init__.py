@@ -11,9 +11,11 @@
 - ``volumes``: a group's block volumes
 - ``ports``: published ports (a guest port forwarded from its host's address)
 - ``networks``: a group's private network (subnet, VNI)
+- ``firewall``: the inbound rules of a group's network
 """
 
 from labs.models.courses import Course, Group, Membership, _default_time_zone
+from labs.models.firewall import FirewallRule
 from labs.models.hosts import Host, Image, VmTemplate, clock
 from labs.models.images import ImageCopy
 from labs.models.networks import GroupNetwork
@@ -36,6 +38,7 @@ __all__ = [
     "ClockAction",
     "ConsoleSession",
     "Course",
+    "FirewallRule",
     "Group",
     "GroupNetwork",
     "Host",

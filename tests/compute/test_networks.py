@@ -172,7 +172,8 @@ def test_provision_makes_the_network_on_the_host_and_a_second_vm_joins_it_live(
     )
     assert nic.find("source").get("network") == name
     assert nic.find("mac").get("address") == vm1.group_mac
-    assert nic.find("filterref").get("filter") == "stratus-group"
+    # The group's firewall, which includes stratus-group.
+    assert nic.find("filterref").get("filter") == f"stratus-fw-g{group_a.pk}"
 
     from labs.compute import requests
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from labs.choices import OperationKind
-from labs.compute import networks, requests
+from labs.choices import ACTIVE_OPERATION_STATUSES, OperationKind
+from labs.compute import firewall, networks, requests
 from labs.drivers.base import NetworkHost
 from labs.drivers.libvirt import vxlan
 from labs.drivers.registry import driver_for
@@ -362,6 +362,8 @@ def test_group_vms_on_two_hosts_reach_each_other_by_name_and_another_group_sees_
             f"provision network step {[o.params.get('timings') for o in (op1, op2, opb)]}"
         )
         assert Vm.objects.filter(group=vm1.group, group_ip__isnull=False).count() == 2
+
+        _firewall_opened_and_closed(ns_a, ns_b, vm1, vm2, key_a, alice, net_a, h1, on, probe)
     finally:
         for w in workers:
             w.stop()
@@ -370,3 +372,69 @@ def test_group_vms_on_two_hosts_reach_each_other_by_name_and_another_group_sees_
     own = run("ip", "-o", "link", "show").stdout
     assert f"stxg{vm1.group_id}" not in own and f"vxg{vm1.group_id}" not in own
     assert networks.MTU == 1450
+
+
+def _reached_within(check, *, want: bool, timeout: float = 30) -> float:
+    """Seconds until ``check()`` (a fresh connection's outcome) is ``want``."""
+    started = time.monotonic()
+    wait_for(lambda: check() == want, timeout=timeout, interval=0.2, what=f"reachable={want}")
+    return time.monotonic() - started
+
+
+def _firewall_opened_and_closed(ns_a, ns_b, vm1, vm2, key_a, alice, net_a, h1, on, probe):
+    """The group's firewall (labs/compute/firewall.py) on the running guests: vm1 serves
+    on tcp 8080; vm2 (the other host) cannot reach it until a member opens
+    ``tcp 8080 from the group``, and cannot once it is removed again; SSH and ping from
+    the group and SSH from the gateway are open by default, the gateway's 8080 is not."""
+    serve = "python3 -m http.server 8080 --bind 0.0.0.0"
+    on(ns_a, vm1, key_a, f"setsid nohup {serve} >/dev/null 2>&1 < /dev/null &")
+    wait_for(
+        lambda: on(ns_a, vm1, key_a, probe.format("127.0.0.1", 8080)).stdout.strip() == "open",
+        timeout=20,
+        what="vm1's web server",
+    )
+    quick = "timeout 1.5 bash -c 'exec 3<>/dev/tcp/{}/{}' && echo open || echo closed"
+
+    def vm2_reaches(port: int) -> bool:
+        return on(ns_b, vm2, key_a, quick.format("vm1", port)).stdout.strip() == "open"
+
+    def gateway_reaches(port: int) -> bool:
+        tried = run("ip", "netns", "exec", ns_a.netns, "timeout", "2", "bash", "-c",
+                    f"exec 3<>/dev/tcp/{vm1.group_ip}/{port}", check=False)  # fmt: skip
+        return tried.returncode == 0
+
+    assert not vm2_reaches(8080)  # closed by default
+    assert vm2_reaches(22)  # SSH from the group: a default rule
+    assert gateway_reaches(22)  # SSH from the gateway: a default rule
+    assert not gateway_reaches(8080)  # the host's own packets get no answer on 8080
+
+    def settled():
+        return not Operation.objects.filter(
+            vm__group=vm1.group, status__in=ACTIVE_OPERATION_STATUSES
+        ).exists()
+
+    wait_for(settled, timeout=60, what="group A's operations to finish")
+    asked = time.monotonic()
+    rule = firewall.rule_add(
+        group=vm1.group, by=alice, protocol="tcp", port_from="8080", source="group", note="web"
+    )
+    opened_s = time.monotonic() - asked + _reached_within(lambda: vm2_reaches(8080), want=True)
+    ops = list(Operation.objects.filter(kind=OperationKind.FIREWALL_SYNC).order_by("pk"))
+    assert {op.vm.host_id for op in ops} == {vm1.host_id, vm2.host_id}
+    for op in ops:
+        wait_operation(op, timeout=60)
+        assert op.requested_by == alice
+    wait_for(settled, timeout=60, what="the firewall_sync operations")
+    asked = time.monotonic()
+    firewall.rule_remove(rule=rule, by=alice)
+    closed_s = time.monotonic() - asked + _reached_within(lambda: vm2_reaches(8080), want=False)
+    assert vm2_reaches(22)  # the rest stays as it was
+    apply_s = [
+        op.params.get("timings", {}).get("firewall_s")
+        for op in Operation.objects.filter(kind=OperationKind.FIREWALL_SYNC).order_by("pk")
+    ]
+    print(
+        f"firewall: tcp 8080 from the group opened in {opened_s:.2f} s, closed in "
+        f"{closed_s:.2f} s (request to a peer's new connection); filter applied per host "
+        f"{apply_s} s"
+    )

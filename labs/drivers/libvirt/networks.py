@@ -24,6 +24,7 @@ from labs.drivers.libvirt.xml import (
     GROUP_FILTER_IPV4,
     dhcp_host_xml,
     dns_host_xml,
+    firewall_filters_xml,
     group_filters_xml,
     network_hosts,
     network_xml,
@@ -47,12 +48,24 @@ class NetworksMixin:
                     return None
                 raise
 
-    def _filters_ensure(self) -> None:
-        """The group NICs' nwfilters, (re)defined: defining is idempotent, and a changed
-        filter reaches running NICs at once."""
-        with self._errors("defining the group network filters"):
+    def _filters_ensure(self, spec: GroupNetworkSpec | None = None) -> None:
+        """The group NICs' nwfilters, (re)defined, and the group's firewall filters when
+        ``spec`` has a firewall: defining is idempotent, and a changed filter reaches
+        running NICs at once (libvirt instantiates it again on each)."""
+        self._filters_define((GROUP_FILTER_IPV4, GROUP_FILTER), group_filters_xml)
+        if spec is not None and spec.firewall is not None:
+            name = spec.firewall_filter
+            openings = spec.firewall
+            self._filters_define(
+                (f"{name}-gw", name), lambda uuids: firewall_filters_xml(name, openings, uuids)
+            )
+
+    def _filters_define(self, names, build) -> None:
+        """Define the filters ``build(uuids)`` returns (in ``names``' order, the inner one
+        first: libvirt refuses a reference to a filter it does not know)."""
+        with self._errors(f"defining the nwfilters {', '.join(names)}"):
             uuids = {}
-            for name in (GROUP_FILTER, GROUP_FILTER_IPV4):
+            for name in names:
                 try:
                     uuids[name] = self._conn.nwfilterLookupByName(name).UUIDString()
                 except libvirt.libvirtError as error:
@@ -61,7 +74,7 @@ class NetworksMixin:
                         return
                     if error_code(error) != libvirt.VIR_ERR_NO_NWFILTER:
                         raise
-            for xml in group_filters_xml(uuids):
+            for xml in build(uuids):
                 try:
                     self._conn.nwfilterDefineXML(xml)
                 except libvirt.libvirtError as error:
@@ -73,11 +86,31 @@ class NetworksMixin:
                     log.warning("host %s has no nwfilter support", self.host)
                     return
 
+    def firewall_apply(self, spec: GroupNetworkSpec) -> float:
+        """The group's firewall filters here redefined to ``spec.firewall``: libvirt
+        applies them to every running NIC of the group on this host before it returns."""
+        started = time.monotonic()
+        self._filters_ensure(spec)
+        seconds = time.monotonic() - started
+        log.info("firewall %s on %s applied in %.3f s", spec.firewall_filter, self.host, seconds)
+        return seconds
+
+    def _firewall_remove(self, spec: GroupNetworkSpec) -> None:
+        """The group's firewall filters gone (its last NIC here is gone); one still in
+        use (a VM defined here meanwhile) stays."""
+        name = spec.firewall_filter
+        for filter_name in (name, f"{name}-gw"):
+            try:
+                self._conn.nwfilterLookupByName(filter_name).undefine()
+            except libvirt.libvirtError as error:
+                log.info("nwfilter %s on %s kept: %s", filter_name, self.host, error)
+                return
+
     def network_ensure(self, spec: GroupNetworkSpec) -> float:
         """The group's network here holds exactly ``spec.hosts``, runs, and (when the
         group has other hosts) is joined to theirs by VXLAN. Idempotent."""
         started = time.monotonic()
-        self._filters_ensure()
+        self._filters_ensure(spec)
         net = self._network(spec.name)
         with self._errors(f"making network {spec.name}"):
             if net is None:
@@ -162,6 +195,8 @@ class NetworksMixin:
                     net.destroy()
                 net.undefine()
             log.info("removed network %s from %s", spec.name, self.host)
+        if spec.firewall is not None:
+            self._firewall_remove(spec)
         return time.monotonic() - started
 
     def network_names(self) -> list[str]:

@@ -10,6 +10,7 @@ from labs.drivers.base import (
     DESCRIPTION_MAX,
     NOT_XML,
     TITLE_MAX,
+    FirewallOpening,
     GroupNetworkSpec,
     GroupNic,
     NetworkHost,
@@ -362,7 +363,7 @@ def group_nic(nic: GroupNic) -> ET.Element:
     sub(interface, "mac", address=nic.mac)
     sub(interface, "source", network=nic.network)
     sub(interface, "model", type="virtio")
-    filterref = sub(interface, "filterref", filter=GROUP_FILTER)
+    filterref = sub(interface, "filterref", filter=nic.filter or GROUP_FILTER)
     sub(filterref, "parameter", name="IP", value=nic.ip)
     network = nic.subnet.split("/")[0]
     sub(filterref, "parameter", name="GROUP_NET", value=network)
@@ -413,3 +414,82 @@ def group_filters_xml(uuids: dict[str, str] | None = None) -> list[str]:
             element.insert(0, ET.Element("uuid"))
             element[0].text = uuid
     return [ET.tostring(f, encoding="unicode") for f in (inner, outer)]
+
+
+# --- the group's firewall (labs/compute/firewall.py, docs/networking.md "The firewall") ------
+
+FIREWALL_GATEWAY_CHAIN = "ipv4-stxf"  # before ipv4-stxg (-680), after clean-traffic's -710
+_STATES_ALL = "NEW,ESTABLISHED,RELATED,INVALID"
+
+
+def _fw_rule(parent, action: str, direction: str, priority: int, proto: str, **attrs) -> None:
+    rule = sub(parent, "rule", action=action, direction=direction, priority=str(priority))
+    sub(rule, proto, **attrs)
+
+
+def _source(opening: FirewallOpening) -> dict[str, str]:
+    mask = str(RESERVED_PREFIX) if opening.source == "gateway" else "24"
+    return {"srcipaddr": "$GROUP_NET", "srcipmask": mask}
+
+
+def _ports(opening: FirewallOpening, side: str) -> dict[str, str]:
+    if opening.protocol == "icmp":
+        return {}
+    return {f"{side}portstart": str(opening.port_from), f"{side}portend": str(opening.port_to)}
+
+
+def firewall_filters_xml(
+    name: str, openings: tuple[FirewallOpening, ...], uuids: dict[str, str] | None = None
+) -> list[str]:
+    """The two nwfilters of a group's firewall, the inner one first: ``name`` (what the
+    group's NICs reference: ``stratus-group`` plus the inbound rules) and ``name-gw``.
+
+    Inbound, at the iptables layer (the bridge's conntrack; every rule has an explicit
+    ``state``, so libvirt puts it in the one chain of its direction and adds no reverse
+    rule): replies (ESTABLISHED, RELATED) pass, each opening lets NEW connections in from
+    its source, everything else to the VM is dropped. The hosts' own packets to a VM are
+    not forwarded, so no inbound rule sees them (libvirt hooks FORWARD and INPUT only):
+    an opening from the gateway is enforced on the VM's answers instead. ``name-gw`` lets
+    them through the ebtables chain that drops everything else the VM sends to the
+    reserved /28, and the iptables rules let them out only as replies (ESTABLISHED) to a
+    connection the host opened, beside DHCP and DNS; anything else to the /28 is dropped.
+    """
+    gateway = ET.Element(
+        "filter", name=f"{name}-gw", chain=FIREWALL_GATEWAY_CHAIN, priority="-690"
+    )
+    net, reserved = "$GROUP_NET", str(RESERVED_PREFIX)
+    outer = ET.Element("filter", name=name, chain="root")
+    sub(outer, "filterref", filter=GROUP_FILTER)
+    sub(outer, "filterref", filter=f"{name}-gw")
+    to_hosts = {"dstipaddr": net, "dstipmask": reserved}
+    # What the VM sends to the hosts: DHCP and DNS, and replies the gateway's openings allow.
+    _fw_rule(outer, "accept", "out", 100, "udp", dstportstart="67", state="NEW,ESTABLISHED",
+             **to_hosts)  # fmt: skip
+    _fw_rule(outer, "accept", "out", 101, "udp", dstportstart="53", state="NEW,ESTABLISHED",
+             **to_hosts)  # fmt: skip
+    _fw_rule(outer, "accept", "out", 102, "tcp", dstportstart="53", state="NEW,ESTABLISHED",
+             **to_hosts)  # fmt: skip
+    # Into the VM: replies to what it opened.
+    _fw_rule(outer, "accept", "in", 200, "all", state="ESTABLISHED,RELATED")
+    for index, opening in enumerate(openings):
+        _fw_rule(outer, "accept", "in", 300 + index, opening.protocol, state="NEW",
+                 **_source(opening), **_ports(opening, "dst"))  # fmt: skip
+        if opening.source == "gateway":
+            reply = {**to_hosts, **_ports(opening, "src")}
+            _fw_rule(outer, "accept", "out", 110 + index, opening.protocol, state="ESTABLISHED",
+                     **reply)  # fmt: skip
+            ip = {"dstipaddr": net, "dstipmask": reserved, "protocol": opening.protocol}
+            rule = sub(gateway, "rule", action="accept", direction="out",
+                       priority=str(100 + index))  # fmt: skip
+            sub(rule, "ip", **ip, **_ports(opening, "src"))
+    # The chain's end, spelled out: with ebtables-nft a chain's RETURN policy acted as
+    # ACCEPT (measured: every IPv4 frame skipped stratus-group's chain after this one).
+    sub(sub(gateway, "rule", action="return", direction="out", priority="1000"), "ip")
+    _fw_rule(outer, "drop", "out", 190, "all", state=_STATES_ALL, **to_hosts)
+    _fw_rule(outer, "drop", "in", 900, "all", state=_STATES_ALL)
+    for element in (gateway, outer):
+        uuid = (uuids or {}).get(element.get("name", ""))
+        if uuid:
+            element.insert(0, ET.Element("uuid"))
+            element[0].text = uuid
+    return [ET.tostring(f, encoding="unicode") for f in (gateway, outer)]
