@@ -225,14 +225,19 @@ def seconds() -> int:
 # --- model changes -----------------------------------------------------------------------
 
 
-def _names_of(sender, instance) -> list[str]:
-    """The versions a saved or deleted row touches."""
+# The models the pages show, each with the versions a saved or deleted row of it touches
+# (``connect`` fills it once the models are loaded).
+_WATCHED: dict[type, Callable[[Any], list[str]]] = {}
+
+
+def _watched() -> dict[type, Callable[[Any], list[str]]]:
     from django.contrib.auth import get_user_model
 
     from labs.models import (
         ClassHoliday,
         ClassSession,
         Course,
+        FirewallRule,
         Group,
         Host,
         Image,
@@ -246,23 +251,37 @@ def _names_of(sender, instance) -> list[str]:
         Volume,
     )
 
-    if sender is Group:
-        return _group_names(instance.pk, instance.course_id)
-    if sender is Membership:
-        return [*_group_names(instance.group_id, None), f"o{instance.course_id}"]
-    if sender in (Vm, Volume):
-        return _group_names(instance.group_id, _course_of(instance.group_id))
-    if sender in (Snapshot, StateChange, Publication):  # StateChange: the hours
-        group_id = Vm.objects.filter(pk=instance.vm_id).values_list("group_id", flat=True)
-        group_id = group_id.first()
+    def of_group(row) -> list[str]:  # a row of a group: its page and its course's
+        return _group_names(row.group_id, _course_of(row.group_id))
+
+    def of_vm(row) -> list[str]:  # a row of a VM: its group's (StateChange: the hours)
+        group_id = Vm.objects.filter(pk=row.vm_id).values_list("group_id", flat=True).first()
         return _group_names(group_id, _course_of(group_id))
-    if sender is Course:
-        return [f"c{instance.pk}", f"o{instance.pk}"]
-    if sender in (VmTemplate, ClassSession, ClassHoliday):
-        return [f"c{instance.course_id}"]
-    if sender in (Host, Image, ImageCopy, get_user_model()):
+
+    def of_course(row) -> list[str]:
+        return [f"c{row.course_id}"]
+
+    def everything(row) -> list[str]:
         return ["all"]
-    return []
+
+    return {
+        Group: lambda row: _group_names(row.pk, row.course_id),
+        Membership: lambda row: [*_group_names(row.group_id, None), f"o{row.course_id}"],
+        Vm: of_group,
+        Volume: of_group,
+        FirewallRule: of_group,
+        Snapshot: of_vm,
+        StateChange: of_vm,
+        Publication: of_vm,
+        Course: lambda row: [f"c{row.pk}", f"o{row.pk}"],
+        VmTemplate: of_course,
+        ClassSession: of_course,
+        ClassHoliday: of_course,
+        Host: everything,
+        Image: everything,
+        ImageCopy: everything,
+        get_user_model(): everything,
+    }
 
 
 def _course_of(group_id: int | None) -> int | None:
@@ -278,7 +297,8 @@ def _on_change(sender, instance, **kwargs) -> None:
         return
     if sender.__name__ == "User" and kwargs.get("update_fields") == frozenset({"last_login"}):
         return  # a sign-in changes nothing a page shows
-    names = _names_of(sender, instance)
+    touched = _WATCHED.get(sender)
+    names = touched(instance) if touched else []
     if not names:
         return
     bump(*names)  # this transaction's own later reads
@@ -287,29 +307,8 @@ def _on_change(sender, instance, **kwargs) -> None:
 
 def connect() -> None:
     """Watch the models the pages show (``labs.apps`` calls it once)."""
-    from django.contrib.auth import get_user_model
-
-    from labs.models import (
-        ClassHoliday,
-        ClassSession,
-        Course,
-        Group,
-        Host,
-        Image,
-        ImageCopy,
-        Membership,
-        Publication,
-        Snapshot,
-        StateChange,
-        Vm,
-        VmTemplate,
-        Volume,
-    )
-
-    models = [Group, Membership, Vm, Volume, Snapshot, StateChange, Publication, Course]
-    models += [VmTemplate]
-    models += [ClassSession, ClassHoliday, Host, Image, ImageCopy, get_user_model()]
-    for model in models:
+    _WATCHED.update(_watched())
+    for model in _WATCHED:
         uid = f"pagecache-{model._meta.label_lower}"
         post_save.connect(_on_change, sender=model, dispatch_uid=f"{uid}-save")
         post_delete.connect(_on_change, sender=model, dispatch_uid=f"{uid}-delete")

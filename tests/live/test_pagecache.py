@@ -88,6 +88,19 @@ def test_a_save_without_an_event_shows_on_the_next_fetch(page, alice, group_a):
     assert "hv-renamed" in page(alice)[1]
 
 
+def test_every_watched_row_of_a_group_bumps_its_page(group_a):
+    """A firewall rule saved or deleted by the admin or a shell (no service, no event)."""
+    from labs.models import FirewallRule
+
+    before = pagecache.group_versions(group_a.pk)
+    rule = FirewallRule.objects.create(
+        group=group_a, protocol="tcp", port_from=80, port_to=80, source="group"
+    )
+    saved = pagecache.group_versions(group_a.pk)
+    rule.delete()
+    assert before != saved != pagecache.group_versions(group_a.pk)
+
+
 def test_an_event_from_another_process_shows_on_the_next_fetch(page, alice, group_a):
     """A worker changes a row with a queryset update and publishes the event after its
     commit: the page that was cached before is not served again."""
