@@ -101,10 +101,15 @@ def reconcile_all() -> str:
 @shared_task(name="labs.tasks.operations_resend", ignore_result=True)
 def operations_resend() -> int:
     """Beat, every few seconds: send again what stays queued and unclaimed (the outbox),
-    and ask for the SSH-access updates that waited for their VM to run and be idle."""
-    from labs.compute import dispatch, ssh_access
+    and ask for the SSH-access updates and the firewall changes that waited for their VM
+    (their host's VMs) to run and be idle."""
+    from labs.compute import dispatch, firewall, ssh_access
 
-    return len(dispatch.operations_resend()) + ssh_access.syncs_due_request()
+    return (
+        len(dispatch.operations_resend())
+        + ssh_access.syncs_due_request()
+        + len(firewall.syncs_due_request())
+    )
 
 
 @worker_ready.connect

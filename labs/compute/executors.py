@@ -13,7 +13,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from labs.choices import DesiredState, NetworkMode, ObservedState, PortState, VolumeState
-from labs.compute import networks, shares, ssh_access
+from labs.compute import firewall, networks, shares, ssh_access
 from labs.compute.image_copies import image_for_reset
 from labs.compute.records import (
     NO_CONSOLE,
@@ -118,9 +118,17 @@ def _group_network_up(op: Operation, driver) -> bool:
     if not networks.vm_network_join(vm=vm):
         return False
     operation_progress(op)("preparing the group network")
-    seconds = driver.network_ensure(networks.network_spec(group=vm.group, host=vm.host))
-    _timings(op, group_network_s=seconds)
+    _timings(op, group_network_s=_network_ensure(driver, vm))
     return True
+
+
+def _network_ensure(driver, vm: Vm) -> float:
+    """The group's network (and firewall) on the VM's host as the group is now; the
+    firewall's change it holds recorded."""
+    wanted = firewall.wanted_at(group=vm.group)
+    seconds = driver.network_ensure(networks.network_spec(group=vm.group, host=vm.host))
+    firewall.applied_record(group=vm.group, host_id=vm.host_id, wanted=wanted)
+    return seconds
 
 
 def _group_network_tell_peers(vm: Vm) -> None:
@@ -151,8 +159,7 @@ def network_sync(op: Operation) -> None:
     driver = driver_of(vm)
     if not networks.enabled_on(vm.host):
         return
-    spec = networks.network_spec(group=vm.group, host=vm.host)
-    _timings(op, group_network_s=driver.network_ensure(spec))
+    _timings(op, group_network_s=_network_ensure(driver, vm))
 
 
 def firewall_sync(op: Operation) -> None:
@@ -164,11 +171,13 @@ def firewall_sync(op: Operation) -> None:
     driver = driver_of(vm)
     applied, seconds = None, 0.0
     for _round in range(3):
+        wanted = firewall.wanted_at(group=vm.group)  # before the rules: never ahead of them
         spec = networks.network_spec(group=vm.group, host=vm.host)
         if spec.firewall == applied:
             break
         seconds += driver.firewall_apply(spec)
         applied = spec.firewall
+        firewall.applied_record(group=vm.group, host_id=vm.host_id, wanted=wanted)
     _timings(op, firewall_s=round(seconds, 3))
     operation_progress(op)(f"{len(applied or ())} rules applied on {vm.host.name}")
 

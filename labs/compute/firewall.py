@@ -25,6 +25,7 @@ import logging
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.http import Http404
+from django.utils import timezone
 
 from labs import access
 from labs.access import Action
@@ -232,27 +233,82 @@ def firewall_sync_request(
     *, group: Group, by: AbstractBaseUser | None, what: str = ""
 ) -> list[Operation]:
     """A ``firewall_sync`` on one idle VM of the group on each of its hosts (the page
-    updates live with the rules and the operations). The operations made."""
+    updates live with the rules and the operations). A host whose VMs are all busy is
+    marked behind and gets its sync from the sweeper once one is idle. The operations
+    made."""
     events.group_changed(group=group)
+    GroupNetwork.objects.filter(group=group).update(firewall_wanted_at=timezone.now())
     made = []
-    on_network = (
+    for host_id in sorted(set(_on_network(group).values_list("host_id", flat=True))):
+        op = _sync_on_host(group=group, host_id=host_id, by=by, what=what)
+        if op is not None:
+            made.append(op)
+    return made
+
+
+def _on_network(group: Group):
+    return (
         Vm.objects.live()
         .filter(group=group, group_ip__isnull=False, host__group_networks=True)
         .order_by("host_id", "pk")
     )
-    for host_id in sorted(set(on_network.values_list("host_id", flat=True))):
-        candidates = on_network.filter(host_id=host_id).exclude(
-            operations__status__in=ACTIVE_OPERATION_STATUSES
+
+
+def _sync_on_host(*, group: Group, host_id: int, by, what: str) -> Operation | None:
+    target = (
+        _on_network(group)
+        .filter(host_id=host_id)
+        .exclude(operations__status__in=ACTIVE_OPERATION_STATUSES)
+        .first()
+    )
+    if target is None:
+        log.info("group %s: every VM on host %s is busy; the firewall waits", group, host_id)
+        return None
+    try:
+        return dispatch.operation_create(
+            vm=target, kind=OperationKind.FIREWALL_SYNC, by=by, params={"name": what}
         )
-        target = candidates.first()
-        if target is None:
-            log.info("group %s: every VM on host %s is busy; the firewall waits", group, host_id)
-            continue
-        try:
-            op = dispatch.operation_create(
-                vm=target, kind=OperationKind.FIREWALL_SYNC, by=by, params={"name": what}
+    except Busy:  # it took an operation meanwhile: the sweeper comes back
+        return None
+
+
+def wanted_at(*, group: Group) -> str:
+    """The firewall change the group's hosts must apply (read before its rules are)."""
+    network = GroupNetwork.objects.filter(group=group).only("firewall_wanted_at").first()
+    stamp = network.firewall_wanted_at if network else None
+    return stamp.isoformat() if stamp else ""
+
+
+def applied_record(*, group: Group, host_id: int, wanted: str) -> None:
+    """``host_id`` holds the group's rules of the change ``wanted`` (or a later one)."""
+    with transaction.atomic():
+        network = GroupNetwork.objects.select_for_update().filter(group=group).first()
+        if network is None:
+            return
+        network.firewall_applied = {**network.firewall_applied, str(host_id): wanted}
+        network.save(update_fields=["firewall_applied"])
+
+
+def syncs_due_request() -> list[Operation]:
+    """The sweeper (beat): a ``firewall_sync`` for each host of a group that is behind its
+    firewall's last change and has not been tried since (its VMs were all busy then)."""
+    made = []
+    for network in GroupNetwork.objects.filter(firewall_wanted_at__isnull=False).select_related(
+        "group"
+    ):
+        wanted = network.firewall_wanted_at.isoformat()
+        for host_id in sorted(set(_on_network(network.group).values_list("host_id", flat=True))):
+            if network.firewall_applied.get(str(host_id)) == wanted:
+                continue
+            tried = Operation.objects.filter(
+                kind=OperationKind.FIREWALL_SYNC,
+                vm__group=network.group,
+                vm__host_id=host_id,
+                created_at__gte=network.firewall_wanted_at,
             )
-        except Busy:
-            continue
-        made.append(op)
+            if tried.exists():
+                continue  # made, running, or failed (the next change tries again)
+            op = _sync_on_host(group=network.group, host_id=host_id, by=None, what="catch up")
+            if op is not None:
+                made.append(op)
     return made

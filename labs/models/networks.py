@@ -14,6 +14,11 @@ class GroupNetwork(models.Model):
     # its dnsmasq serves DHCP and DNS there. Distinct per host, because VXLAN makes the
     # hosts' bridges one segment.
     gateways = models.JSONField(default=dict, blank=True)
+    # The firewall's last change, and the change each host has applied ({"<host id>":
+    # "<iso time of that change>"}): a host behind is given a firewall_sync once one of the
+    # group's VMs there is idle (labs/compute/firewall.py, syncs_due_request).
+    firewall_wanted_at = models.DateTimeField(null=True, blank=True)
+    firewall_applied = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

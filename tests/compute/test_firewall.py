@@ -190,3 +190,36 @@ def test_the_network_spec_carries_the_rules_and_the_nic_its_groups_filter(on_net
         ("icmp", "group", None),
     }
     assert networks.nic_spec(vm1).filter == spec.firewall_filter
+
+
+def test_a_host_busy_with_another_operation_catches_up_once_it_is_idle(
+    on_network, group_a, alice, sent
+):
+    """A change while the host's only VM of the group takes a snapshot: that host is
+    marked behind, and the sweeper gives it its sync once the VM is idle, once."""
+    from labs.compute import dispatch
+    from labs.models import GroupNetwork
+
+    vm1, vm2 = on_network
+    snapshot = dispatch.operation_create(
+        vm=vm1, kind=OperationKind.SNAPSHOT, by=alice, params={"name": "s1"}
+    )
+    firewall.rule_add(group=group_a, by=alice, protocol="tcp", port_from=8080, source="group")
+    [now] = Operation.objects.filter(kind=OperationKind.FIREWALL_SYNC)
+    assert now.vm == vm2
+    run(now)
+    assert firewall.syncs_due_request() == []  # vm1 is still busy
+    Operation.objects.filter(pk=snapshot.pk).update(status="succeeded")  # its snapshot ends
+
+    [late] = firewall.syncs_due_request()
+    assert (late.vm, late.params["name"]) == (vm1, "catch up")
+    assert firewall.syncs_due_request() == []  # tried since the change: not twice
+    run(late)
+    network = GroupNetwork.objects.get(group=group_a)
+    wanted = network.firewall_wanted_at.isoformat()
+    assert network.firewall_applied == {str(vm1.host_id): wanted, str(vm2.host_id): wanted}
+
+    firewall.rule_add(group=group_a, by=alice, protocol="udp", port_from=53, source="group")
+    for op in Operation.objects.filter(kind=OperationKind.FIREWALL_SYNC, status="queued"):
+        run(op)
+    assert firewall.syncs_due_request() == []  # both hosts hold the latest change
