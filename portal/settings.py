@@ -267,7 +267,7 @@ STRATUS_ARCHIVE_DIR = env_str("STRATUS_ARCHIVE_DIR", "/var/lib/stratus/archive")
 VM_SHUTDOWN_TIMEOUT = env_int("VM_SHUTDOWN_TIMEOUT", 20)
 # How long an SSH-access update waits for a guest's agent (a guest just started boots first).
 GUEST_AGENT_TIMEOUT = env_int("GUEST_AGENT_TIMEOUT", 120)
-# A private network per group (labs/compute/networks.py, docs/group-networks.md): on hosts
+# A private network per group (labs/compute/networks.py, docs/networking.md): on hosts
 # whose ``group_networks`` is set, every VM gets a second NIC on its group's own segment.
 # Each group gets one /24 of the pool; VXLAN between hosts uses a VNI per group.
 GROUP_NETWORKS = env_bool("GROUP_NETWORKS", True)

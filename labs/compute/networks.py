@@ -1,4 +1,4 @@
-"""A private network per group (issue #12, docs/group-networks.md): who gets an address,
+"""A private network per group (issue #12, docs/networking.md): who gets an address,
 which hosts hold the group's network, and what each host's network must hold.
 
 Allocation (database rows, under a lock on the group's network row):
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = 24  # each group's subnet
 RESERVED = 16  # .0-.15: the hosts' addresses (.1-.14); VMs from .16
-MTU = 1450  # VXLAN over a 1500-byte IPv4 underlay (docs/group-networks.md)
+MTU = 1450  # VXLAN over a 1500-byte IPv4 underlay (docs/networking.md)
 MAC_PREFIX = "52:54:01"
 
 

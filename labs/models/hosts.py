@@ -72,7 +72,7 @@ class Host(models.Model):
         help_text="The host's SSH public key (one line, 'ssh-ed25519 AAAA…'), pinned: a "
         "server without it is refused.",
     )
-    # Group networks (labs/compute/networks.py, docs/group-networks.md): off unless the
+    # Group networks (labs/compute/networks.py, docs/networking.md): off unless the
     # operator turns them on for the host, so a host that is also someone's desktop (the
     # demo, the tests' own libvirtd) never gets a bridge.
     group_networks = models.BooleanField(

@@ -1,4 +1,4 @@
-"""A group's private network on a libvirt host (docs/group-networks.md).
+"""A group's private network on a libvirt host (docs/networking.md).
 
 Per group and host: an isolated libvirt network ``stx-g<id>`` (bridge ``stxg<id>``, no
 <forward>, MTU 1450) whose dnsmasq gives each VM of the group its static address and

@@ -292,7 +292,7 @@ def snapshot_xml(name: str) -> str:
     return ET.tostring(snapshot, encoding="unicode")
 
 
-# --- group networks (labs/compute/networks.py, docs/group-networks.md) -------------------
+# --- group networks (labs/compute/networks.py, docs/networking.md) -------------------
 
 # The filter every group NIC references: clean-traffic (its own MAC and address only, no
 # other L2 protocol) and GROUP_FILTER_IPV4 (the host answers DHCP and DNS, nothing else).
