@@ -10,15 +10,10 @@ Group A has vm1 on host 1 and vm2 on host 2 (VXLAN between them), group B one VM
 1. Three guests, 512 MiB each.
 """
 
-import contextlib
 import json
-import os
-import shutil
-import signal
 import subprocess
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from django.db import connection
@@ -29,9 +24,9 @@ from labs.drivers.base import NetworkHost
 from labs.drivers.libvirt import vxlan
 from labs.drivers.registry import driver_for
 from labs.models import GroupNetwork, Host, Operation, Vm, VmTemplate
+from labs.tooling.netns_hosts import GUEST_PING, NetnsHost, join, run
 from tests.integration.conftest import (
     PREFIX,
-    ROOT,
     RUN,
     SSH_PORT_MIN,
     Worker,
@@ -45,134 +40,18 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = str(ROOT / "scripts" / "second-libvirtd.sh")
 UNDERLAY = {"a": "10.254.0.1", "b": "10.254.0.2"}
-
-# ICMP echo from the guest (the image has no ping): resolves its first argument, pings it
-# three times from the address in its second (optional), prints the address and each
-# round trip in ms; exit 1 when no reply came.
-GUEST_PING = r"""
-import os, socket, struct, sys, time
-dst = socket.gethostbyname(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-if len(sys.argv) > 2:
-    s.bind((sys.argv[2], 0))
-s.settimeout(1.5)
-def csum(b):
-    b += b"\0" * (len(b) % 2)
-    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    t = (t >> 16) + (t & 0xFFFF)
-    return ~(t + (t >> 16)) & 0xFFFF
-ident, rtts = os.getpid() & 0xFFFF, []
-for seq in range(3):
-    body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"stratus"
-    packet = struct.pack("!BBHHH", 8, 0, csum(body), ident, seq) + b"stratus"
-    sent = time.monotonic()
-    s.sendto(packet, (dst, 0))
-    try:
-        while True:
-            data, addr = s.recvfrom(1500)
-            if addr[0] == dst and data[20] == 0 and struct.unpack("!H", data[24:26])[0] == ident:
-                rtts.append((time.monotonic() - sent) * 1000)
-                break
-    except socket.timeout:
-        pass
-print(dst, " ".join("%.2f" % r for r in rtts))
-sys.exit(0 if rtts else 1)
-"""
-
-
-def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=timeout)
-
-
-class NetnsHost:
-    """One test host: a network namespace, a libvirtd in it, its state and VM dirs."""
-
-    def __init__(self, tag: str):
-        self.tag = tag
-        self.netns = f"stx{RUN}{tag}"
-        self.state = Path(f"/var/lib/stratus/test-{RUN}-ns{tag}-state")
-        self.storage = Path(f"/var/lib/stratus/test-{RUN}-ns{tag}")
-        self.uri = f"qemu+unix:///system?socket={self.state}/run/libvirt-sock"
-        self.env = {**os.environ, "SECOND_LIBVIRTD_NETNS": self.netns}
-
-    def start(self) -> None:
-        run("ip", "netns", "add", self.netns)
-        run("ip", "-n", self.netns, "link", "set", "lo", "up")
-        self.storage.mkdir(parents=True, mode=0o755, exist_ok=True)
-        self.storage.chmod(0o755)
-        started = subprocess.run(
-            [SCRIPT, "start", str(self.state)],
-            capture_output=True,
-            text=True,
-            timeout=90,
-            env=self.env,
-        )
-        assert started.returncode == 0, started.stderr
-        assert started.stdout.strip().splitlines()[-1] == self.uri
-        # Nothing of the machine's: no network at all (never libvirt's NAT network).
-        assert virsh_on(self.uri, "net-list", "--all", "--name").stdout.split() == []
-
-    def stop(self) -> None:
-        """Everything it started, by PID: its guests, its libvirtd, what is left in the
-        namespace (dnsmasq, QEMU), then the namespace (its veth end goes with it)."""
-        for name in virsh_on(self.uri, "list", "--all", "--name").stdout.split():
-            if name.startswith(PREFIX):
-                virsh_on(self.uri, "destroy", name)
-        subprocess.run(
-            [SCRIPT, "stop", str(self.state)], capture_output=True, timeout=60, env=self.env
-        )
-        if Path(f"/run/netns/{self.netns}").exists():
-            pids = run("ip", "netns", "pids", self.netns, check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            run("ip", "netns", "del", self.netns, check=False)
-        shutil.rmtree(self.state, ignore_errors=True)
-        shutil.rmtree(self.storage, ignore_errors=True)
-
-    def ssh(self, key: Path, port: int, command: str, *, input: str | None = None, timeout=30):
-        return subprocess.run(
-            [
-                "ip", "netns", "exec", self.netns,
-                "ssh", "-i", str(key), "-p", str(port),
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-o", "LogLevel=ERROR",
-                "student@127.0.0.1", command,
-            ],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )  # fmt: skip
-
-    def wait_for_ssh(self, key: Path, port: int, *, timeout: float = 240) -> str:
-        def attempt():
-            try:
-                result = self.ssh(key, port, "hostname")
-            except subprocess.TimeoutExpired:
-                return None
-            return result.stdout.strip() if result.returncode == 0 else None
-
-        return wait_for(attempt, timeout=timeout, interval=2, what=f"SSH in {self.netns}:{port}")
 
 
 @pytest.fixture(scope="module")
 def netns_hosts():
     """Two test hosts in namespaces of their own, joined by a veth pair made inside them:
     nothing is made in the machine's own namespace. Removed even when the test fails."""
-    hosts = [NetnsHost("a"), NetnsHost("b")]
+    hosts = [NetnsHost(RUN, "a", PREFIX), NetnsHost(RUN, "b", PREFIX)]
     try:
         for host in hosts:
             host.start()
-        a, b = hosts
-        run("ip", "-n", a.netns, "link", "add", f"vu{RUN}a", "type", "veth",
-            "peer", "name", f"vu{RUN}b", "netns", b.netns)  # fmt: skip
-        for host in hosts:
-            device = f"vu{RUN}{host.tag}"
-            run("ip", "-n", host.netns, "addr", "add", f"{UNDERLAY[host.tag]}/24", "dev", device)
-            run("ip", "-n", host.netns, "link", "set", device, "up")
+        join(hosts, UNDERLAY, RUN)
         yield hosts
     finally:
         for host in hosts:
