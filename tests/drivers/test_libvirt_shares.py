@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import pytest
 
@@ -112,24 +113,24 @@ def test_a_seed_refuses_a_share_path_that_would_break_the_fstab_line():
 # --- the host side ----------------------------------------------------------------------------
 
 
-def test_the_host_makes_the_group_share_writable_for_every_guest_account(tmp_path):
+def domain_with(make_spec, share: ShareSpec) -> ET.Element:
+    """The domain XML Stratus defines for a VM with ``share`` (what the host side reads)."""
+    xml = build_domain_xml(make_spec(shares=(share,)), overlay_path="/o", seed_path="/s")
+    return parse(xml)
+
+
+def test_the_host_makes_the_group_share_writable_for_every_guest_account(tmp_path, make_spec):
     source = str(tmp_path / "shares" / "group-1")
-    root = parse(
-        f"<domain><devices><filesystem><driver type='virtiofs'/><source dir='{source}'/>"
-        "<target dir='group'/><alias name='ua-share-group'/></filesystem></devices></domain>"
-    )
+    root = domain_with(make_spec, replace(GROUP, source=source))
     host_shares.shares_prepare(root)
     assert stat.S_IMODE(os.stat(source).st_mode) == 0o777
     assert stat.S_IMODE(os.stat(tmp_path / "shares").st_mode) == 0o700
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a bind mount needs root")
-def test_the_host_binds_the_course_share_read_only_even_for_root(tmp_path):
+def test_the_host_binds_the_course_share_read_only_even_for_root(tmp_path, make_spec):
     source = str(tmp_path / "course-1" / "ro")
-    root = parse(
-        f"<domain><devices><filesystem><driver type='virtiofs'/><source dir='{source}'/>"
-        "<target dir='course'/><alias name='ua-share-ro-course'/></filesystem></devices></domain>"
-    )
+    root = domain_with(make_spec, replace(COURSE, source=source))
     try:
         host_shares.shares_prepare(root)
         host_shares.shares_prepare(root)  # again: the bind is there, nothing more is done
