@@ -6,7 +6,7 @@ one host and across two, and the time a firewall change takes to reach a peer.
 
 Two test hosts, each a libvirtd in a network namespace of its own that the bench makes
 (labs/tooling/netns_hosts.py, as the integration test), joined by a veth pair inside
-them; a throwaway SQLite database and a real Celery worker per host. One group with three
+them; a throwaway SQLite database and the Procfile's worker, one per host. One group with three
 VMs: vm1 and vm3 on host A, vm2 on host B (the VXLAN between the two). It prints:
 
 - round trips (ICMP from the guest, ``--pings`` probes): vm1 -> vm3 (one host: the
@@ -25,9 +25,9 @@ removed at the end, also when it fails.
 """
 
 import argparse
+import importlib
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+# bench/class.py's worker: the Procfile's worker line on one host's queue.
+procfile_worker = importlib.import_module("class")
 
 UNDERLAY = {"a": "10.254.0.1", "b": "10.254.0.2"}
 PORT = 5001
@@ -72,36 +75,6 @@ SEND = (
     "print('%.3f' % s)\n"
 )
 REACH = "timeout 1.5 bash -c 'exec 3<>/dev/tcp/{}/{}' && echo open || echo closed"
-
-
-class Worker:
-    """A real `celery worker` on one host's queue."""
-
-    def __init__(self, host: str, log: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "portal", "worker", "-P", "prefork",
-             "-c", "1", "-Q", f"host.{host}", "-n", f"{host}@localhost", "--without-gossip",
-             "--without-mingle", "--loglevel", "INFO"],
-            cwd=ROOT,
-            env={**os.environ, "LOG_LEVEL": "INFO"},
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while b"ready." not in log.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the worker of {host} did not start; see {log}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
 
 
 def wait(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -146,7 +119,7 @@ def main() -> None:
 
         call_command("migrate", verbosity=0)
         hosts = [NetnsHost(run, tag, os.environ["STRATUS_DOMAIN_PREFIX"]) for tag in "ab"]
-        workers: list[Worker] = []
+        workers: list = []
         try:
             for host in hosts:
                 host.start()
@@ -192,7 +165,8 @@ def bench(args, run: str, netns: list, workers: list, tmp: Path) -> None:
         quota_vms=3, quota_vcpus=3, quota_memory_mib=3 * args.memory, quota_disk_gib=12,
     )  # fmt: skip
     for ns in netns:
-        workers.append(Worker(rows[ns.tag].name, tmp / f"worker-{ns.tag}.log"))
+        argv = procfile_worker.worker_argv(rows[ns.tag].name, 1)
+        workers.append(procfile_worker.Worker(argv, tmp / f"worker-{ns.tag}.log"))
     key = tmp / "key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
 
